@@ -1,0 +1,115 @@
+"""Policy / reference loading and per-token log-probs of completions given their prompts.
+
+Batches stay grouped: ``prompt_ids_PL`` holds each of the P distinct prompts once and
+``completion_ids_BT`` its k completions (B = P * k, rows of one prompt adjacent). The log-prob pass
+here repeats each prompt k times; it is the one place to change for a shared-prefix pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from rloo.hub import from_pretrained
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """'rloo:tldr-tiny-sft' -> the cached folder (built on first use); anything else unchanged."""
+    if name_or_path == "rloo:tldr-tiny-sft":
+        from rloo.tiny import ensure_tldr_tiny_policy
+
+        return str(ensure_tldr_tiny_policy())
+    if name_or_path.startswith("rloo:"):
+        raise ValueError(f"model_name_or_path: unknown built-in model '{name_or_path}' (known: rloo:tldr-tiny-sft)")
+    return name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The policy tokenizer, with a pad token (EOS when the model has none, as TRL does)."""
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of '{name_or_path}' has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(name_or_path: str, torch_dtype: str = "auto", trust_remote_code: bool = False) -> PreTrainedModel:
+    """A causal LM from safetensors only (no pickle), with remote code off unless asked for."""
+    dtype = DTYPES.get(torch_dtype, "auto")
+    model = from_pretrained(
+        AutoModelForCausalLM,
+        name_or_path,
+        "policy model",
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+    return model
+
+
+def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The reference policy: a copy of ``model`` as it is in memory now (not reloaded from disk)."""
+    reference = copy.deepcopy(model)
+    reference.eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
+    """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+    if not ids:
+        raise ValueError("the model and tokenizer define no EOS token; completions could never end")
+    return sorted(ids)
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    prompt_ids_PL: torch.Tensor,
+    prompt_mask_PL: torch.Tensor,
+    completion_ids_BT: torch.Tensor,
+    completion_mask_BT: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log pi(y_t | x, y_<t) of each completion, logits divided by ``temperature`` as in sampling.
+
+    Prompts are left padded (P, L); completions right padded (B, T) with B = P * k. Returns
+    ``logprobs_BT`` (0 on padding) and, if asked, ``entropy_BT`` (detached). Logits are computed for
+    the T+1 last positions only (``logits_to_keep``), never for the whole prompt.
+    """
+    num_prompts, num_completions = prompt_ids_PL.shape[0], completion_ids_BT.shape[0]
+    k = num_completions // num_prompts
+    if k * num_prompts != num_completions:
+        raise ValueError(f"completion_logprobs: {num_completions} completions is not a multiple of {num_prompts} prompts")
+    input_ids = torch.cat([prompt_ids_PL.repeat_interleave(k, 0), completion_ids_BT], dim=1)
+    attention_mask = torch.cat([prompt_mask_PL.repeat_interleave(k, 0), completion_mask_BT], dim=1)
+    # Positions count real tokens only, so a left-padded prompt starts at 0 exactly as in generation.
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    num_tokens = completion_ids_BT.shape[1]
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=num_tokens + 1,
+        use_cache=False,
+    ).logits[:, :-1]
+    logits = logits.float() / temperature
+    logprobs_all = logits.log_softmax(-1)
+    logprobs_BT = logprobs_all.gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1)
+    logprobs_BT = logprobs_BT * completion_mask_BT
+    entropy_BT = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy_BT = -(logprobs_all.exp() * logprobs_all).sum(-1) * completion_mask_BT
+    return logprobs_BT, entropy_BT
