@@ -209,8 +209,8 @@ class RLOOConfig:
                 raise ValueError(
                     f"dataset has {num_train_rows} prompts, fewer than the {prompts_per_step} prompts of one step"
                 )
-            max_steps = max(1, math.ceil(steps_per_epoch * self.num_train_epochs / self.num_iterations)
-                            * self.num_iterations)
+            # Each generation batch is used for num_iterations optimizer steps.
+            max_steps = max(1, math.ceil(steps_per_epoch * self.num_train_epochs)) * self.num_iterations
         sizes = Sizes(num_processes, prompts_per_step * k, prompts_per_step, prompts_per_process, prompts_per_mb, max_steps)
         object.__setattr__(self, "sizes", sizes)
         return sizes
@@ -273,6 +273,8 @@ def field_type(name: str) -> str:
 def coerce(name: str, value: Any) -> Any:
     """Convert a CLI/YAML value to the field's type, or raise one line naming the field."""
     kind = field_type(name)
+    if isinstance(value, list) and len(value) == 1 and str(value[0]).lower() in ("none", "null") and "None" in kind:
+        value = None  # `--reward_weights none` on the command line
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in kind):
         if "None" in kind or value is None and kind.startswith("list"):
             return None if "None" in kind else []

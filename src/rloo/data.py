@@ -210,11 +210,14 @@ class TokenizedPrompts:
     num_truncated: int  # prompts that were longer than max_prompt_length and lost their first tokens
 
 
-def tokenize_prompts(texts: list[str], tokenizer: Any, max_prompt_length: int | None) -> TokenizedPrompts:
+def tokenize_prompts(
+    texts: list[str], tokenizer: Any, max_prompt_length: int | None, warn: bool = True
+) -> TokenizedPrompts:
     """Token ids per prompt, without special tokens; over-long prompts keep their LAST tokens.
 
     No special tokens, as TRL: chat templates carry their own BOS. Left truncation is the TL;DR
     recipe's choice (summarize_from_feedback_details): the end of the prompt holds "TL;DR:".
+    ``warn=False`` leaves the warning to the caller (the trainer counts truncations over the run).
     """
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
@@ -226,7 +229,7 @@ def tokenize_prompts(texts: list[str], tokenizer: Any, max_prompt_length: int | 
     if max_prompt_length is not None:
         num_truncated = sum(len(ids) > max_prompt_length for ids in input_ids)
         input_ids = [ids[-max_prompt_length:] for ids in input_ids]
-    if num_truncated:
+    if num_truncated and warn:
         logger.warning(
             "%d of %d prompts were longer than max_prompt_length=%d tokens and were left-truncated",
             num_truncated, len(input_ids), max_prompt_length,

@@ -1,0 +1,54 @@
+"""Generation backends behind one small protocol; ``build_generator`` is the only place that picks one.
+
+The trainer calls ``generator.generate(prompt_ids, k)`` and, after each optimizer step,
+``generator.load_weights(model)``; it never branches on the backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Completions:
+    """k completions per prompt, rows of one prompt adjacent (B = P * k)."""
+
+    completion_ids_BT: torch.Tensor  # long, right padded; tokens up to and including the first EOS
+    completion_mask_BT: torch.Tensor  # long, 1 on real tokens (EOS included), 0 on padding
+    truncated_B: torch.Tensor  # bool, True where no EOS came within max_completion_length
+
+
+class Generator(Protocol):
+    def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Completions: ...
+
+    def load_weights(self, model: torch.nn.Module) -> None: ...
+
+
+def cut_at_eos(sequences_BT: torch.Tensor, eos_token_ids: list[int], pad_token_id: int) -> Completions:
+    """Keep each row up to and including its first EOS; pad and mask everything after it."""
+    is_eos_BT = torch.isin(sequences_BT, torch.tensor(eos_token_ids, device=sequences_BT.device))
+    has_eos_B = is_eos_BT.any(1)
+    num_tokens = sequences_BT.shape[1]
+    first_eos_B = torch.where(has_eos_B, is_eos_BT.int().argmax(1), num_tokens)
+    positions_T = torch.arange(num_tokens, device=sequences_BT.device)
+    mask_BT = (positions_T[None, :] <= first_eos_B[:, None]).long()
+    ids_BT = sequences_BT.masked_fill(mask_BT == 0, pad_token_id)
+    return Completions(ids_BT, mask_BT, ~has_eos_B)
+
+
+def build_generator(cfg, model, tokenizer, eos_token_ids: list[int]) -> Generator:
+    """The generation backend for ``cfg`` (transformers for now)."""
+    from rloo.generation.hf import HFGenerator
+
+    return HFGenerator(
+        model,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_ids=eos_token_ids,
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+    )

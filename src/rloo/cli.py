@@ -1,0 +1,156 @@
+"""``rloo train | eval | generate``: options are config field names, as TRL users type them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rloo.config import SECTIONS, load_config, preset_names, unknown_key_message
+
+logger = logging.getLogger("rloo")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--field`` per config field, grouped by section, help from the field's help text."""
+    parser.add_argument("--config", default=None,
+                        help=f"Preset name ({', '.join(preset_names())}) or a YAML file; default tldr-tiny.")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            nargs = "+" if str(f.type).startswith("list") else None
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            group.add_argument(f"--{f.name}", nargs=nargs, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                               help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def parse_known_strict(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Unknown options are errors naming the option (with the closest field name)."""
+    args, unknown = parser.parse_known_args(argv)
+    for token in unknown:
+        if token.startswith("--"):
+            parser.error(unknown_key_message(token[2:].split("=")[0]))
+        parser.error(f"unexpected argument {token!r}")
+    return args
+
+
+def overrides_from(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("config", "command", *skip)}
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from rloo.trainer import train
+
+    cfg = load_config(args.config, overrides_from(args))
+    result = train(cfg)
+    print(f"run folder: {result.output_dir}")
+    if result.eval_before and result.eval_after:
+        before, after = result.eval_before, result.eval_after
+        from rloo.evaluate import paired_gain
+
+        gain = paired_gain(before, after)
+        print(f"held-out reward on {after['num_prompts']} {cfg.dataset_eval_split} prompts: "
+              f"before {before['reward_mean']:.4f} -> after {after['reward_mean']:.4f} "
+              f"({gain['gain']:+.4f} +/- {gain['se']:.4f} s.e., {100 * gain['relative']:+.1f}%)")
+        for key in before:
+            if key.startswith("rewards/"):
+                print(f"  {key[8:]:<22} {before[key]:.4f} -> {after[key]:.4f}")
+    return 0
+
+
+def eval_config(model_dir: str, config: str | None, overrides: dict):
+    """The run's own config.yaml when evaluating a run folder, else the named or default preset."""
+    own = Path(model_dir) / "config.yaml"
+    cfg = load_config(config if config or not own.is_file() else str(own), overrides)
+    cfg.model_name_or_path = model_dir
+    return cfg
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from rloo.data import load_prompt_dataset
+    from rloo.evaluate import evaluate
+    from rloo.models import load_policy, load_tokenizer, resolve_model_path
+    from rloo.rewards import build_rewards
+
+    overrides = overrides_from(args, ("model", "dataset", "num_samples", "eval_seed"))
+    cfg = eval_config(resolve_model_path(args.model), args.config, overrides)
+    cfg.resolve(num_train_rows=1 << 30)
+    dataset = load_prompt_dataset(args.dataset or cfg.dataset_name, cfg.dataset_eval_split)
+    model = load_policy(cfg.model_name_or_path, cfg.torch_dtype, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    sources = build_rewards(cfg.reward_funcs, cfg.reward_weights, cfg.reward_model_name_or_path)
+    result = evaluate(model, tokenizer, dataset, sources, cfg, args.num_samples or cfg.num_eval_samples or None,
+                      seed=args.eval_seed)
+    print(json.dumps({k: v for k, v in result.items() if not k.startswith("per_prompt")}))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from rloo.data import render_prompt, tokenize_prompts
+    from rloo.generation.hf import HFGenerator
+    from rloo.models import eos_token_ids, load_policy, load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(args.model)
+    model = load_policy(path, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(path, args.trust_remote_code)
+    torch.manual_seed(args.seed)
+    generator = HFGenerator(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(model, tokenizer),
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            do_sample=args.temperature > 0)
+    for prompt in args.prompts:
+        text = render_prompt(prompt, tokenizer)
+        ids = tokenize_prompts([text], tokenizer, None).input_ids
+        out = generator.generate(ids, args.num_generations)
+        for row, mask in zip(out.completion_ids_BT, out.completion_mask_BT):
+            print(tokenizer.decode(row[mask.bool()], skip_special_tokens=True).strip())
+            print("---")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rloo", description="Fine-tune causal LMs with RLOO (REINFORCE Leave-One-Out).")
+    commands = parser.add_subparsers(dest="command")
+    train = commands.add_parser("train", help="Train with RLOO (default preset: tldr-tiny).", allow_abbrev=False)
+    add_config_options(train)
+    evaluate = commands.add_parser("eval", help="Score a model's completions on held-out prompts.", allow_abbrev=False)
+    evaluate.add_argument("--model", required=True, help="Model folder (a run folder or any causal LM) or hub id.")
+    evaluate.add_argument("--dataset", default=None, help="Prompt dataset (default: the config's dataset_name).")
+    evaluate.add_argument("--num_samples", type=int, default=None, help="Held-out prompts to score (default: num_eval_samples).")
+    evaluate.add_argument("--eval_seed", type=int, default=1234, help="Sampling seed (the one train uses for its before/after evaluation).")
+    add_config_options(evaluate)
+    generate = commands.add_parser("generate", help="Print completions of a model for prompts.", allow_abbrev=False)
+    generate.add_argument("--model", required=True, help="Model folder or hub id.")
+    generate.add_argument("prompts", nargs="+", help="Prompt texts.")
+    generate.add_argument("--num_generations", type=int, default=1, help="Completions per prompt.")
+    generate.add_argument("--max_new_tokens", type=int, default=53, help="Maximum new tokens.")
+    generate.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (0 = greedy).")
+    generate.add_argument("--seed", type=int, default=0, help="Sampling seed.")
+    generate.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the hub to run.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["train", *argv]  # `rloo` alone runs the default preset
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parse_known_strict(parser, argv)
+    handlers = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, TypeError, OSError) as err:
+        if os.environ.get("RLOO_DEBUG"):
+            raise
+        print(f"rloo {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Held-out evaluation: one sampled completion per prompt, scored with the run's reward sources."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rloo import objective
+from rloo.data import gather_rows, render_prompt, tokenize_prompts
+from rloo.generation import build_generator
+from rloo.models import eos_token_ids
+from rloo.rewards import RewardSources, score_completions
+from rloo.rollout import sample
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples: int | None = None,
+             seed: int = 1234, batch_size: int = 50) -> dict:
+    """Score one completion (sampled at the training temperature, fixed seed) for each of the first
+    ``num_samples`` prompts of ``dataset``. Returns reward_mean/std, per-source means, completion
+    length, num_prompts and the per-prompt rewards (for paired before/after comparisons)."""
+    num_samples = min(num_samples or len(dataset), len(dataset))
+    generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer))
+    device = next(model.parameters()).device
+    weights_F = torch.tensor(sources.weights, dtype=torch.float32)
+    rewards, scores, lengths = [], [], []
+    # A fixed seed makes "before" and "after" draw the same random numbers, so their difference is paired.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, num_samples, batch_size):
+            indices = list(range(start, min(start + batch_size, num_samples)))
+            prompts, columns = gather_rows(dataset, indices)
+            texts = [render_prompt(p, tokenizer) for p in prompts]
+            prompt_ids = tokenize_prompts(texts, tokenizer, cfg.max_prompt_length, warn=False).input_ids
+            rollout = sample(generator, tokenizer, texts, prompt_ids, columns, 1, device)
+            ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids_BT.cpu(), rollout.completion_mask_BT.cpu())]
+            rewards_BF = score_completions(sources, texts, rollout.completions, columns, completion_ids=ids,
+                                           truncated=rollout.truncated_B.tolist()).cpu()
+            scores_B = objective.combine_rewards(rewards_BF, weights_F)
+            scores_B = objective.apply_missing_eos_penalty(scores_B, rollout.truncated_B.cpu(), cfg.missing_eos_penalty or 0.0)
+            rewards.append(rewards_BF)
+            scores.append(scores_B)
+            lengths.append(rollout.completion_mask_BT.sum(1).float().cpu())
+    rewards_NF, scores_N, lengths_N = torch.cat(rewards), torch.cat(scores), torch.cat(lengths)
+    finite = scores_N[torch.isfinite(scores_N)]
+    result = {
+        "reward_mean": finite.mean().item() if len(finite) else math.nan,
+        "reward_std": finite.std().item() if len(finite) > 1 else 0.0,
+        "reward_sem": (finite.std() / math.sqrt(len(finite))).item() if len(finite) > 1 else 0.0,
+    }
+    for f, name in enumerate(sources.names):
+        result[f"rewards/{name}"] = torch.nanmean(rewards_NF[:, f]).item()
+    result.update(
+        completion_length_mean=lengths_N.mean().item(),
+        num_prompts=num_samples,
+        num_unscorable=int((~torch.isfinite(scores_N)).sum()),
+        per_prompt_rewards=scores_N.tolist(),
+        per_prompt_rewards_by_source={name: rewards_NF[:, f].tolist() for f, name in enumerate(sources.names)},
+    )
+    return result
+
+
+def paired_gain(before: dict, after: dict, key: str = "per_prompt_rewards") -> dict:
+    """Mean per-prompt gain after - before, its standard error and z = gain / se."""
+    b, a = torch.tensor(before[key]), torch.tensor(after[key])
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    diff = (a - b)[ok]
+    gain = diff.mean().item()
+    se = (diff.std() / math.sqrt(len(diff))).item() if len(diff) > 1 else math.inf
+    return {"gain": gain, "se": se, "z": gain / se if se > 0 else math.inf,
+            "relative": gain / abs(b[ok].mean().item()) if b[ok].mean().item() else math.inf}

@@ -1,0 +1,62 @@
+"""Per-step metrics from a rollout and its update, and the sinks that write them (metrics.jsonl)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def _mean(values: torch.Tensor) -> float:
+    values = values[torch.isfinite(values)]
+    return values.mean().item() if values.numel() else math.nan
+
+
+def step_metrics(step: int, rollout, sources, update: dict, seconds: float, learning_rate: float, cfg) -> dict:
+    """One JSON-able dict per optimizer step. NaN appears only where nothing was scorable."""
+    k = rollout.num_generations
+    scores_PK = rollout.scores_B.view(-1, k)
+    finite_PK = torch.isfinite(scores_PK)
+    spread_P = torch.where(finite_PK, scores_PK, -math.inf).amax(1) - torch.where(finite_PK, scores_PK, math.inf).amin(1)
+    scorable = rollout.scores_B[torch.isfinite(rollout.scores_B)]
+    metrics = {
+        "step": step,
+        "reward": _mean(rollout.scores_B),
+        "reward_std": scorable.std().item() if scorable.numel() > 1 else 0.0,
+    }
+    for f, name in enumerate(sources.names):
+        metrics[f"rewards/{name}"] = _mean(rollout.rewards_BF[:, f])
+    metrics.update({
+        "kl": _mean(rollout.kl_B) if rollout.kl_B is not None else 0.0,
+        "entropy": update["entropy"],
+        "completion_length": rollout.completion_mask_BT.sum(1).float().mean().item(),
+        "frac_truncated": rollout.truncated_B.float().mean().item(),
+        "frac_reward_zero_std": (~(spread_P > 0)).float().mean().item(),
+        "num_unscorable": int((~torch.isfinite(rollout.scores_B)).sum()),
+        "advantage_abs_mean": update["advantages_B"].abs().mean().item(),
+        "loss": update["loss"],
+        "clip_ratio": update["clip_ratio"],
+        "grad_norm": update["grad_norm"],
+        "learning_rate": learning_rate,
+        "episodes_per_s": rollout.completion_ids_BT.shape[0] / max(seconds, 1e-9),
+        "step_seconds": seconds,
+    })
+    return metrics
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; only the main process writes."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.file = open(path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, metrics: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(metrics, allow_nan=True) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()

@@ -1,0 +1,260 @@
+"""``train(cfg)``: set up once, then the RLOO loop as numbered phases.
+
+    1 sample   k completions per prompt (generation backend)
+    2 score    reward sources -> weighted score (rollout.score)
+    3 ref      reference log-probs, only when beta > 0
+    4 update   advantages + clipped policy gradient over micro-batches (objective.py)
+    5 log      metrics.jsonl, progress bar
+    6 save     checkpoints, final model folder with its model card
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from rloo import objective
+from rloo.config import RLOOConfig, load_config
+from rloo.data import PromptSampler, gather_rows, load_prompt_dataset, render_prompt, tokenize_prompts
+from rloo.evaluate import evaluate, paired_gain
+from rloo.generation import Generator, build_generator
+from rloo.metrics import MetricsWriter, step_metrics
+from rloo.models import (completion_logprobs, eos_token_ids, frozen_copy, load_policy, load_tokenizer,
+                         resolve_model_path)
+from rloo.rewards import RewardSources, build_rewards
+from rloo.rollout import Rollout, add_advantages, add_logprobs, sample, score
+from rloo.run_folder import save_run_folder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``setup``."""
+
+    cfg: RLOOConfig
+    accelerator: Accelerator
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    tokenizer: Any
+    generator: Generator
+    sources: RewardSources
+    train_dataset: Any
+    eval_dataset: Any
+    sampler: PromptSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    output_dir: Path
+    start_model: str
+    num_truncated_prompts: int = 0  # over the run so far
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    eval_before: dict | None
+    eval_after: dict | None
+    metrics: list[dict]
+
+
+def train(
+    config: RLOOConfig | None = None,
+    *,
+    model: str | torch.nn.Module | None = None,
+    tokenizer: Any = None,
+    rewards: Sequence[str | Callable] | None = None,
+    train_dataset: Any = None,
+    eval_dataset: Any = None,
+) -> TrainResult:
+    """Fine-tune a causal LM with RLOO. ``model``, ``rewards`` and the datasets override the config's
+    names; ``rewards`` may hold callables ``fn(prompts, completions, **columns) -> list[float | None]``."""
+    cfg = config if config is not None else load_config()
+    run = setup(cfg, model, tokenizer, rewards, train_dataset, eval_dataset)
+    sizes = cfg.sizes
+    eval_before = run_evaluation(run, "before")
+    writer = MetricsWriter(run.output_dir / "metrics.jsonl", enabled=run.accelerator.is_main_process)
+    history: list[dict] = []
+    progress = tqdm(total=sizes.max_steps, desc="rloo", disable=cfg.disable_tqdm or not run.accelerator.is_main_process)
+    rollout: Rollout | None = None
+    for step in range(1, sizes.max_steps + 1):
+        start = time.perf_counter()
+        if (step - 1) % cfg.num_iterations == 0:
+            rows = next(run.sampler)
+            rollout = sample_rollout(run, rows)  # phase 1
+            score(rollout, run.sources, cfg.missing_eos_penalty)  # phase 2
+            if run.reference is not None:  # phase 3
+                add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_micro_batch, "ref_logprobs_BT")
+            if cfg.num_iterations > 1 or cfg.normalize_advantages:
+                # The batch is reused or normalised as a whole: its sampling-policy log-probs are needed up front.
+                add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_micro_batch, "old_logprobs_BT")
+                add_advantages(rollout, rollout.old_logprobs_BT, cfg.beta, cfg.kl_estimator)
+                if cfg.normalize_advantages:
+                    rollout.advantages_B = objective.normalize_advantages(rollout.advantages_B)
+        update = policy_update(run, rollout)  # phase 4
+        seconds = time.perf_counter() - start
+        metrics = step_metrics(step, rollout, run.sources, update, seconds, run.scheduler.get_last_lr()[0], cfg)
+        metrics["num_truncated_prompts"] = run.num_truncated_prompts
+        history.append(metrics)  # phase 5
+        if step % cfg.logging_steps == 0 or step == sizes.max_steps:
+            writer.write(metrics)
+        progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}",
+                             eps=f"{metrics['episodes_per_s']:.1f}")
+        progress.update(1)
+    progress.close()
+    writer.close()
+    eval_after = run_evaluation(run, "after")
+    summary = summarize(eval_before, eval_after)
+    if run.accelerator.is_main_process:  # phase 6
+        save_run_folder(run, summary)
+    return TrainResult(run.output_dir, eval_before, eval_after, history)
+
+
+def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_dataset) -> Run:
+    """Validate, then load data, policy, reference, rewards and the optimizer (cheap checks first)."""
+    if rewards is not None:
+        cfg.reward_funcs = [r if isinstance(r, str) else f"{r.__module__}:{getattr(r, '__qualname__', r)}" for r in rewards]
+    accelerator = Accelerator()
+    train_dataset = load_prompt_dataset(train_dataset if train_dataset is not None else cfg.dataset_name,
+                                        cfg.dataset_train_split)
+    sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
+    if eval_dataset is None and cfg.num_eval_samples > 0 and not Path(cfg.dataset_name).is_file():
+        eval_dataset = load_prompt_dataset(cfg.dataset_name, cfg.dataset_eval_split)
+    elif eval_dataset is not None:
+        eval_dataset = load_prompt_dataset(eval_dataset, cfg.dataset_eval_split)
+    set_seed(cfg.seed)
+    if model is None or isinstance(model, str):
+        start_model = resolve_model_path(model or cfg.model_name_or_path)
+        cfg.model_name_or_path = start_model
+        policy = load_policy(start_model, cfg.torch_dtype, cfg.trust_remote_code)
+    else:
+        policy, start_model = model, getattr(model, "name_or_path", "") or "in-memory model"
+    if tokenizer is None:
+        tokenizer = load_tokenizer(start_model, cfg.trust_remote_code)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    sources = build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
+                            cfg.reward_model_name_or_path, device=accelerator.device)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        policy.config.use_cache = False
+    reference = frozen_copy(policy).to(accelerator.device) if cfg.beta > 0 else None
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sizes.max_steps),
+                              num_training_steps=sizes.max_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy.train()
+    unwrapped = accelerator.unwrap_model(policy)
+    generator = build_generator(cfg, unwrapped, tokenizer, eos_token_ids(unwrapped, tokenizer))
+    sampler = PromptSampler(len(train_dataset), sizes.num_prompts_per_process, cfg.seed,
+                            accelerator.process_index, accelerator.num_processes)
+    output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg.output_dir = str(output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,
+               sampler, optimizer, scheduler, output_dir, start_model)
+
+
+def sample_rollout(run: Run, rows: list[int]) -> Rollout:
+    """Phase 1 for one batch of prompt rows: render, tokenize (left-truncate), sample k each."""
+    prompts, columns = gather_rows(run.train_dataset, rows)
+    texts = [render_prompt(p, run.tokenizer) for p in prompts]
+    tokenized = tokenize_prompts(texts, run.tokenizer, run.cfg.max_prompt_length, warn=False)
+    if tokenized.num_truncated and run.num_truncated_prompts == 0:
+        logger.warning("prompts longer than max_prompt_length=%d tokens are left-truncated (their end, with the "
+                       "question, is kept); the running count is the metric num_truncated_prompts",
+                       run.cfg.max_prompt_length)
+    run.num_truncated_prompts += tokenized.num_truncated
+    prompt_ids = tokenized.input_ids
+    return sample(run.generator, run.tokenizer, texts, prompt_ids, columns, run.cfg.num_generations,
+                  run.accelerator.device)
+
+
+def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
+    """Phase 4: one optimizer step over the rollout in micro-batches of whole prompt groups.
+
+    The loss divides by the step's total sequence count, so accumulating micro-batches equals one
+    big batch. When the batch is used once, the training forward doubles as the old-policy pass
+    (old = detached current log-probs, ratio = 1), so no extra forward is spent on it.
+    """
+    cfg, sizes = run.cfg, run.cfg.sizes
+    num_sequences = rollout.completion_ids_BT.shape[0]
+    totals = {"loss": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "num_tokens": 0.0}
+    kl_B, advantages_B = [], []
+    for mb in rollout.micro_batches(sizes.num_prompts_per_micro_batch):
+        logprobs_BT, entropy_BT = completion_logprobs(run.policy, mb.prompt_ids_PL, mb.prompt_mask_PL,
+                                                      mb.completion_ids_BT, mb.completion_mask_BT, cfg.temperature,
+                                                      with_entropy=True)
+        old_logprobs_BT = mb.old_logprobs_BT if mb.old_logprobs_BT is not None else logprobs_BT.detach()
+        if mb.advantages_B is None:
+            add_advantages(mb, old_logprobs_BT, cfg.beta, cfg.kl_estimator)
+        loss_mask_BT = mb.completion_mask_BT
+        if cfg.mask_truncated_completions:
+            loss_mask_BT = loss_mask_BT * (~mb.truncated_B).long()[:, None]
+        loss, loss_metrics = objective.policy_loss(
+            logprobs_BT, old_logprobs_BT, mb.advantages_B, loss_mask_BT, num_sequences,
+            cfg.epsilon, cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
+        )
+        run.accelerator.backward(loss)
+        mb_size = mb.completion_ids_BT.shape[0]
+        totals["loss"] += loss.item()
+        totals["clip_ratio"] += loss_metrics["clip_ratio"].item() * mb_size / num_sequences
+        totals["entropy"] += entropy_BT.sum().item()
+        totals["num_tokens"] += mb.completion_mask_BT.sum().item()
+        kl_B.append(mb.kl_B if mb.kl_B is not None else torch.zeros(mb_size))
+        advantages_B.append(mb.advantages_B)
+    grad_norm = run.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.max_grad_norm or math.inf)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.generator.load_weights(run.accelerator.unwrap_model(run.policy))
+    if rollout.kl_B is None:
+        rollout.kl_B = torch.cat(kl_B).detach()
+    return {
+        "loss": totals["loss"],
+        "clip_ratio": totals["clip_ratio"],
+        "entropy": totals["entropy"] / max(totals["num_tokens"], 1.0),
+        "grad_norm": float(grad_norm),
+        "advantages_B": torch.cat(advantages_B).detach(),
+    }
+
+
+def run_evaluation(run: Run, when: str) -> dict | None:
+    if run.eval_dataset is None or run.cfg.num_eval_samples == 0:
+        return None
+    policy = run.accelerator.unwrap_model(run.policy)
+    result = evaluate(policy, run.tokenizer, run.eval_dataset, run.sources, run.cfg, run.cfg.num_eval_samples)
+    policy.train()
+    if run.accelerator.is_main_process:
+        logger.info("held-out reward %s training: %.4f", when, result["reward_mean"])
+    return result
+
+
+def summarize(before: dict | None, after: dict | None) -> dict | None:
+    """The before/after held-out comparison printed at the end of a run and written to eval.json."""
+    if before is None or after is None:
+        return None
+    gain = paired_gain(before, after)
+    return {
+        "reward_before": before["reward_mean"],
+        "reward_after": after["reward_mean"],
+        "gain": gain["gain"],
+        "gain_se": gain["se"],
+        "gain_z": gain["z"],
+        "gain_relative": gain["relative"],
+        "num_prompts": after["num_prompts"],
+        "before": {k: v for k, v in before.items() if not k.startswith("per_prompt")},
+        "after": {k: v for k, v in after.items() if not k.startswith("per_prompt")},
+    }

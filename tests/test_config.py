@@ -1,0 +1,309 @@
+"""Tests for rloo.config (presets, validation, coercion, derived sizes, YAML) and the config part of the CLI."""
+
+import argparse
+
+import pytest
+import yaml
+
+from rloo.config import RLOOConfig, load_config, preset_names
+
+# Every config field, in schema order. The same names are the `rloo train` options and the YAML keys,
+# so renaming or removing one breaks users' scripts: change this list only on purpose (torchtitan's
+# frozen CLI test).
+FIELD_NAMES = [
+    # model
+    "model_name_or_path", "torch_dtype", "trust_remote_code",
+    # data
+    "dataset_name", "dataset_train_split", "dataset_eval_split", "max_prompt_length", "num_eval_samples",
+    # generation
+    "num_generations", "max_completion_length", "temperature", "top_p", "top_k",
+    # reward
+    "reward_funcs", "reward_weights", "reward_model_name_or_path", "missing_eos_penalty",
+    # objective
+    "beta", "kl_estimator", "epsilon", "epsilon_high", "normalize_advantages", "mask_truncated_completions",
+    "num_iterations",
+    # optim
+    "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
+    "num_train_epochs", "seed", "gradient_checkpointing",
+    # run
+    "output_dir", "logging_steps", "save_steps", "disable_tqdm", "report_to", "preset",
+]
+
+
+def valid_config(**overrides) -> RLOOConfig:
+    """A config that resolves without data: one reward function and a fixed number of steps."""
+    return RLOOConfig(**{"reward_funcs": ["rouge_l"], "max_steps": 10, **overrides})
+
+
+def train_subparser() -> argparse.ArgumentParser:
+    from rloo.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return subparsers.choices["train"]
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+
+def test_preset_names():
+    assert {"tldr-tiny", "tldr-pythia-1b"} <= set(preset_names())
+
+
+@pytest.mark.parametrize("name", ["tldr-tiny", "tldr-pythia-1b"])
+def test_presets_load_and_resolve(name):
+    cfg = load_config(name)
+    sizes = cfg.resolve(num_train_rows=116722)
+    assert cfg.preset == name
+    assert sizes.max_steps >= 1
+    assert cfg.sizes is sizes
+
+
+def test_pythia_preset_holds_the_rloo_tldr_recipe():
+    cfg = load_config("tldr-pythia-1b")
+    assert cfg.model_name_or_path == "cleanrl/EleutherAI_pythia-1b-deduped__sft__tldr"
+    assert cfg.reward_model_name_or_path == "cleanrl/EleutherAI_pythia-1b-deduped__reward__tldr"
+    assert cfg.reward_funcs == []
+    assert cfg.dataset_name == "trl-lib/tldr"
+    assert cfg.num_generations == 2
+    assert cfg.learning_rate == pytest.approx(3e-6) and isinstance(cfg.learning_rate, float)
+    assert cfg.beta == pytest.approx(0.03)
+    assert cfg.missing_eos_penalty == 1.0
+    assert cfg.temperature == pytest.approx(0.7)
+    assert cfg.max_completion_length == 53
+    assert cfg.max_prompt_length == 512
+    # 16 completions per micro-batch = 8 prompts x k=2; x 4 accumulation steps = 32 prompts per step.
+    sizes = cfg.resolve(num_train_rows=116722)
+    assert sizes.num_prompts_per_micro_batch == 8
+    assert sizes.num_prompts_per_step == 32
+    assert sizes.num_completions_per_step == 64
+    assert sizes.max_steps == 116722 // 32  # one epoch
+
+
+def test_tiny_preset_is_the_cpu_default():
+    cfg = load_config()
+    assert cfg.preset == "tldr-tiny"
+    assert cfg.model_name_or_path == "rloo:tldr-tiny-sft"
+    assert cfg.dataset_name == "rloo:tldr"
+    assert len(cfg.reward_weights) == len(cfg.reward_funcs) >= 1
+    assert cfg.resolve(num_train_rows=1000).max_steps == 80  # fixed in the preset, not derived
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"num_generations": 1}, "num_generations"),
+        ({"num_generations": 4, "per_device_train_batch_size": 6}, "per_device_train_batch_size"),
+        ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
+        ({"reward_model_name_or_path": "some/rm", "reward_weights": [1.0]}, "reward_weights"),
+        ({"beta": -0.01}, "beta"),
+        ({"epsilon": -0.1}, "epsilon"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"kl_estimator": "k2"}, "kl_estimator"),
+        ({"reward_funcs": []}, "reward_funcs"),
+    ],
+)
+def test_validation_errors_are_one_line_naming_the_field(overrides, field):
+    cfg = valid_config(**overrides)
+    with pytest.raises(ValueError) as info:
+        cfg.resolve()
+    message = str(info.value)
+    assert field in message
+    assert "\n" not in message
+
+
+def test_reward_model_alone_is_a_reward_source():
+    cfg = valid_config(reward_funcs=[], reward_model_name_or_path="some/rm", reward_weights=[0.5])
+    assert cfg.resolve().max_steps == 10
+
+
+def test_unknown_field_suggests_the_closest_name():
+    with pytest.raises(ValueError, match="did you mean 'learning_rate'"):
+        RLOOConfig(learnign_rate=1)
+    with pytest.raises(AttributeError, match="learnign_rate"):
+        RLOOConfig().learnign_rate
+
+
+def test_flat_names_read_and_write_through_sections():
+    cfg = RLOOConfig(learning_rate=2e-5, optim={"seed": 7})
+    assert cfg.optim.learning_rate == cfg.learning_rate == 2e-5
+    assert cfg.seed == 7
+    cfg.beta = 0.5
+    assert cfg.objective.beta == 0.5
+
+
+# ------------------------------------------------------------------------------------------ coercion
+
+
+def test_coercion_from_strings():
+    cfg = RLOOConfig(
+        learning_rate="3e-6",
+        num_generations="2",
+        max_steps=5.0,
+        gradient_checkpointing="true",
+        trust_remote_code="False",
+        output_dir="none",
+        missing_eos_penalty="None",
+        max_prompt_length="null",
+        reward_model_name_or_path="none",
+        reward_funcs="rouge_l",
+        reward_weights=["1", "0.5"],
+    )
+    assert cfg.learning_rate == 3e-6 and isinstance(cfg.learning_rate, float)
+    assert cfg.num_generations == 2 and isinstance(cfg.num_generations, int)
+    assert cfg.max_steps == 5 and isinstance(cfg.max_steps, int)
+    assert cfg.gradient_checkpointing is True
+    assert cfg.trust_remote_code is False
+    assert cfg.output_dir is None
+    assert cfg.missing_eos_penalty is None
+    assert cfg.max_prompt_length is None
+    assert cfg.reward_model_name_or_path is None
+    assert cfg.reward_funcs == ["rouge_l"]
+    assert cfg.reward_weights == [1.0, 0.5]
+    cfg.reward_funcs = ("rouge_l", "grounding")
+    cfg.reward_weights = "2"
+    assert cfg.reward_funcs == ["rouge_l", "grounding"]
+    assert cfg.reward_weights == [2.0]
+    cfg.reward_weights = "none"
+    assert cfg.reward_weights is None
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("learning_rate", "fast"),
+        ("num_generations", "four"),
+        ("num_generations", 2.5),
+        ("num_generations", "none"),  # not optional
+        ("gradient_checkpointing", "maybe"),
+        ("reward_weights", ["1", "heavy"]),
+        ("temperature", None),
+    ],
+)
+def test_bad_value_error_names_the_field(field, value):
+    with pytest.raises(ValueError) as info:
+        RLOOConfig(**{field: value})
+    message = str(info.value)
+    assert message.startswith(f"{field}:")
+    assert "\n" not in message
+
+
+# ------------------------------------------------------------------------------------------ frozen CLI
+
+
+def test_field_names_are_frozen():
+    assert list(RLOOConfig().to_dict()) == FIELD_NAMES
+    assert len(set(FIELD_NAMES)) == len(FIELD_NAMES)
+
+
+def test_train_options_are_the_config_fields():
+    train = train_subparser()
+    options = {s for action in train._actions for s in action.option_strings} - {"-h", "--help"}
+    assert options == {"--config"} | {f"--{name}" for name in FIELD_NAMES}
+    helps = {a.option_strings[0]: a.help for a in train._actions if a.option_strings}
+    assert all(helps[f"--{name}"] and not helps[f"--{name}"].startswith(" (default") for name in FIELD_NAMES)
+
+
+def test_train_options_become_config_values():
+    from rloo.cli import overrides_from
+
+    args = train_subparser().parse_args(
+        ["--config", "tldr-tiny", "--learning_rate", "3e-6", "--reward_funcs", "rouge_l", "grounding",
+         "--reward_weights", "1", "0.5", "--gradient_checkpointing", "true"]
+    )
+    cfg = load_config(args.config, overrides_from(args))
+    assert cfg.learning_rate == 3e-6
+    assert cfg.reward_funcs == ["rouge_l", "grounding"]
+    assert cfg.reward_weights == [1.0, 0.5]
+    assert cfg.gradient_checkpointing is True
+    assert cfg.num_generations == 4  # untouched options keep the preset's value
+
+
+def test_cli_unknown_option_exits_2_naming_the_field(capsys):
+    from rloo.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--learnign_rate", "1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "learnign_rate" in err and "learning_rate" in err
+
+
+# ------------------------------------------------------------------------------------------ sizes
+
+
+def test_sizes_from_batch_size_k_and_accumulation():
+    cfg = valid_config(per_device_train_batch_size=8, num_generations=4, gradient_accumulation_steps=2)
+    sizes = cfg.resolve()
+    assert sizes.num_prompts_per_micro_batch == 2
+    assert sizes.num_prompts_per_process == 4
+    assert sizes.num_prompts_per_step == 4
+    assert sizes.num_completions_per_step == 16
+    assert sizes.max_steps == 10
+    sizes = cfg.resolve(num_processes=2)
+    assert sizes.num_prompts_per_process == 4
+    assert sizes.num_prompts_per_step == 8
+    assert sizes.num_completions_per_step == 32
+
+
+@pytest.mark.parametrize("num_train_epochs, num_train_rows, max_steps", [(1, 100, 25), (2, 100, 50), (1.5, 10, 3), (1, 7, 1)])
+def test_max_steps_derived_from_epochs_and_rows(num_train_epochs, num_train_rows, max_steps):
+    # 4 prompts per step; a partial last step is dropped (steps per epoch = rows // 4).
+    cfg = valid_config(per_device_train_batch_size=8, num_generations=4, gradient_accumulation_steps=2,
+                       max_steps=-1, num_train_epochs=num_train_epochs)
+    assert cfg.resolve(num_train_rows=num_train_rows).max_steps == max_steps
+
+
+def test_max_steps_needs_rows_or_a_value():
+    cfg = valid_config(max_steps=-1)
+    with pytest.raises(ValueError, match="max_steps"):
+        cfg.resolve()
+    with pytest.raises(ValueError, match="prompts"):
+        valid_config(max_steps=-1, per_device_train_batch_size=8, num_generations=4).resolve(num_train_rows=1)
+
+
+# ------------------------------------------------------------------------------------------ YAML
+
+
+def test_load_config_yaml_file_with_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    # `3e-6` without a dot is a string to PyYAML (YAML 1.1); coercion makes it a float.
+    path.write_text("learning_rate: 3e-6\nnum_generations: 2\nreward_funcs: [rouge_l]\noptim:\n  seed: 3\n")
+    cfg = load_config(str(path), {"beta": "0.1", "num_generations": 8})
+    assert cfg.learning_rate == 3e-6 and isinstance(cfg.learning_rate, float)
+    assert cfg.reward_funcs == ["rouge_l"]
+    assert cfg.seed == 3
+    assert cfg.beta == 0.1
+    assert cfg.num_generations == 8  # overrides win over the file
+    assert cfg.preset is None
+    assert cfg.temperature == RLOOConfig().temperature  # the rest keeps the schema defaults
+
+
+def test_load_config_unknown_yaml_key_is_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("learning_rate: 1.0e-5\nnum_generation: 2\n")
+    with pytest.raises(ValueError, match="num_generation'.*did you mean 'num_generations'"):
+        load_config(str(path))
+
+
+def test_load_config_unknown_name():
+    with pytest.raises(ValueError, match="no-such-preset"):
+        load_config("no-such-preset")
+
+
+@pytest.mark.parametrize("name", ["tldr-tiny", "tldr-pythia-1b"])
+def test_to_dict_round_trips_through_yaml(tmp_path, name):
+    cfg = load_config(name, {"reward_weights": None, "epsilon_high": 0.3, "output_dir": "runs/x"})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    again = load_config(str(path))
+    assert again.to_dict() == cfg.to_dict()
+    assert {k: type(v) for k, v in again.to_dict().items()} == {k: type(v) for k, v in cfg.to_dict().items()}
+    assert again.preset == name
