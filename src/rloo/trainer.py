@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rloo import objective
-from rloo.config import RLOOConfig, load_config
+from rloo.config import RLOOConfig, load_config, validate
 from rloo.data import PromptSampler, gather_rows, load_prompt_dataset, render_prompt, tokenize_prompts
 from rloo.evaluate import evaluate, paired_gain
 from rloo.generation import Generator, build_generator
@@ -124,6 +124,7 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     """Validate, then load data, policy, reference, rewards and the optimizer (cheap checks first)."""
     if rewards is not None:
         cfg.reward_funcs = [r if isinstance(r, str) else f"{r.__module__}:{getattr(r, '__qualname__', r)}" for r in rewards]
+    validate(cfg)  # config errors before any data or model is touched
     accelerator = Accelerator()
     train_dataset = load_prompt_dataset(train_dataset if train_dataset is not None else cfg.dataset_name,
                                         cfg.dataset_train_split)
