@@ -57,13 +57,15 @@ def unpadded_logprobs(model, prompt: list[int], completion: list[int], temperatu
 # ------------------------------------------------------------------------------------------ log-probs
 
 
+@pytest.mark.parametrize("share_prompt", [True, False])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_completion_logprobs_match_unpadded_forward(policy, temperature):
+def test_completion_logprobs_match_unpadded_forward(policy, temperature, share_prompt):
     prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT = padded_batch()
     assert prompt_mask_PL[:, 0].tolist() == [0, 0, 1]  # left padding really happens
     with torch.no_grad():
         logprobs_BT, entropy_BT = completion_logprobs(
-            policy, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, temperature, with_entropy=True
+            policy, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, temperature, with_entropy=True,
+            share_prompt=share_prompt,
         )
     assert logprobs_BT.shape == entropy_BT.shape == completion_ids_BT.shape == (len(PROMPTS) * K, 6)
     for row, completion in enumerate(COMPLETIONS):
@@ -94,9 +96,10 @@ def test_completion_logprobs_rejects_ragged_groups(policy):
         completion_logprobs(policy, prompt_ids_PL, prompt_mask_PL, completion_ids_BT[:5], completion_mask_BT[:5])
 
 
-def test_completion_logprobs_gradient_matches_unpadded(policy):
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_completion_logprobs_gradient_matches_unpadded(policy, share_prompt):
     params = [p for p in policy.parameters() if p.requires_grad]
-    logprobs_BT, entropy_BT = completion_logprobs(policy, *padded_batch(), temperature=0.7)
+    logprobs_BT, entropy_BT = completion_logprobs(policy, *padded_batch(), temperature=0.7, share_prompt=share_prompt)
     assert entropy_BT is None
     padded_grads = torch.autograd.grad(logprobs_BT.sum(), params, allow_unused=True)
     expected = sum(
@@ -113,6 +116,22 @@ def test_completion_logprobs_gradient_matches_unpadded(policy):
         assert ((got - want).abs().max() / scale).item() < 1e-4, name
         num_compared += 1
     assert num_compared >= len(params) - 1  # at most the input embedding of unused ids is skipped
+
+
+def test_shared_prompt_equals_repeated_prompt(policy):
+    """DESIGN.md §3: the prompt run once with its KV cache expanded k times gives the log-probs (abs 1e-5)
+    and gradients (rel 1e-4) of the prompt repeated k times; per-token weights make the check sharp."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    batch = padded_batch()
+    weights_BT = torch.linspace(-1.0, 2.0, batch[2].numel()).view_as(batch[2])
+    results = {}
+    for share in (True, False):
+        logprobs_BT, _ = completion_logprobs(policy, *batch, temperature=0.7, share_prompt=share)
+        results[share] = (logprobs_BT.detach(), torch.autograd.grad((logprobs_BT * weights_BT).sum(), params))
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-5)
+    for (name, _), shared, repeated in zip(policy.named_parameters(), results[True][1], results[False][1]):
+        scale = repeated.abs().max().clamp(min=1e-12)
+        assert ((shared - repeated).abs().max() / scale).item() < 1e-4, name
 
 
 # ------------------------------------------------------------------------------------------ reference model

@@ -81,35 +81,58 @@ def completion_logprobs(
     completion_mask_BT: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    share_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log pi(y_t | x, y_<t) of each completion, logits divided by ``temperature`` as in sampling.
 
-    Prompts are left padded (P, L); completions right padded (B, T) with B = P * k. Returns
-    ``logprobs_BT`` (0 on padding) and, if asked, ``entropy_BT`` (detached). Logits are computed for
-    the T+1 last positions only (``logits_to_keep``), never for the whole prompt.
+    Prompts are left padded (P, L); completions right padded (B, T) with B = P * k, the k rows of a
+    prompt adjacent. Returns ``logprobs_BT`` (0 on padding) and, if asked, ``entropy_BT`` (detached).
+
+    ``share_prompt`` (DESIGN.md §3): run each prompt once, expand its KV cache to its k completions,
+    then run the completions after it. Autograd flows back through the shared prompt states, so
+    log-probs and gradients equal those of the repeated computation (``share_prompt=False``: every
+    prompt concatenated to each of its completions), which a test checks.
     """
     num_prompts, num_completions = prompt_ids_PL.shape[0], completion_ids_BT.shape[0]
     k = num_completions // num_prompts
     if k * num_prompts != num_completions:
         raise ValueError(f"completion_logprobs: {num_completions} completions is not a multiple of {num_prompts} prompts")
-    input_ids = torch.cat([prompt_ids_PL.repeat_interleave(k, 0), completion_ids_BT], dim=1)
-    attention_mask = torch.cat([prompt_mask_PL.repeat_interleave(k, 0), completion_mask_BT], dim=1)
-    # Positions count real tokens only, so a left-padded prompt starts at 0 exactly as in generation.
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    num_tokens = completion_ids_BT.shape[1]
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=num_tokens + 1,
-        use_cache=False,
-    ).logits[:, :-1]
-    logits = logits.float() / temperature
-    logprobs_all = logits.log_softmax(-1)
-    logprobs_BT = logprobs_all.gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1)
-    logprobs_BT = logprobs_BT * completion_mask_BT
+    forward = _shared_prompt_logits if share_prompt and k > 1 else _repeated_prompt_logits
+    logits_BTV = forward(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k)
+    logprobs_all = (logits_BTV.float() / temperature).log_softmax(-1)
+    logprobs_BT = logprobs_all.gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1) * completion_mask_BT
     entropy_BT = None
     if with_entropy:
         with torch.no_grad():
             entropy_BT = -(logprobs_all.exp() * logprobs_all).sum(-1) * completion_mask_BT
     return logprobs_BT, entropy_BT
+
+
+def _repeated_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k):
+    """Logits predicting each completion token, from [prompt ; completion] rows (the prompt k times)."""
+    input_ids = torch.cat([prompt_ids_PL.repeat_interleave(k, 0), completion_ids_BT], dim=1)
+    attention_mask = torch.cat([prompt_mask_PL.repeat_interleave(k, 0), completion_mask_BT], dim=1)
+    # Positions count real tokens only, so a left-padded prompt starts at 0 exactly as in generation.
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    num_tokens = completion_ids_BT.shape[1]
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 logits_to_keep=num_tokens + 1, use_cache=False).logits[:, :-1]
+
+
+def _shared_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k):
+    """The same logits with each prompt run once: its KV cache is repeated k times for the completions."""
+    prompt_positions_PL = (prompt_mask_PL.cumsum(1) - 1).clamp(min=0)
+    prompt_out = model(input_ids=prompt_ids_PL, attention_mask=prompt_mask_PL, position_ids=prompt_positions_PL,
+                       use_cache=True, logits_to_keep=1)
+    cache = prompt_out.past_key_values
+    cache.batch_repeat_interleave(k)
+    prompt_mask_BL = prompt_mask_PL.repeat_interleave(k, 0)
+    # Completion positions continue after each prompt's own length (not the padded width).
+    start_B = prompt_mask_BL.sum(1, keepdim=True)
+    num_tokens = completion_ids_BT.shape[1]
+    position_ids = start_B + torch.arange(num_tokens, device=completion_ids_BT.device)[None, :]
+    completion_out = model(input_ids=completion_ids_BT, attention_mask=torch.cat([prompt_mask_BL, completion_mask_BT], 1),
+                           position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=num_tokens)
+    # Token 0 is predicted by the prompt's last position; tokens 1..T-1 by completion positions 0..T-2.
+    first_B1V = prompt_out.logits[:, -1:].repeat_interleave(k, 0)
+    return torch.cat([first_B1V, completion_out.logits[:, :-1]], dim=1)
