@@ -27,7 +27,7 @@ FIELD_NAMES = [
     "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
     "num_train_epochs", "seed", "gradient_checkpointing",
     # run
-    "output_dir", "logging_steps", "save_steps", "disable_tqdm", "report_to", "preset",
+    "output_dir", "logging_steps", "disable_tqdm", "preset",
 ]
 
 

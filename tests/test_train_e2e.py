@@ -131,3 +131,13 @@ def test_cli_errors_are_one_line(tmp_path):
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert "trl-lib/tldr" in last and "Hugging Face Hub is unreachable" in last
+
+
+def test_gradient_checkpointing_run_matches_plain_run(tiny_model_dir, tmp_path):
+    common = dict(num_eval_samples=0, max_steps=1, learning_rate=1e-3)
+    plain = train(tiny_config(tiny_model_dir, tmp_path / "a", **common))
+    checkpointed = train(tiny_config(tiny_model_dir, tmp_path / "b", gradient_checkpointing=True, **common))
+    a, b = load_file(plain.output_dir / "model.safetensors"), load_file(checkpointed.output_dir / "model.safetensors")
+    assert plain.metrics[0]["reward"] == checkpointed.metrics[0]["reward"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)

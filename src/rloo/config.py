@@ -116,9 +116,7 @@ class OptimArgs:
 class RunArgs:
     output_dir: str | None = arg(None, "Run folder; default runs/<preset>-<timestamp>.")
     logging_steps: int = arg(1, "Write metrics every this many steps.")
-    save_steps: int = arg(0, "Save a checkpoint every this many steps (0 = only the final model).")
     disable_tqdm: bool = arg(False, "Turn the progress bar off.")
-    report_to: list[str] = arg(["jsonl"], "Metric sinks: jsonl (always written), stdout.")
     preset: str | None = arg(None, "Name of the preset this config started from (set by --config).")
 
 
@@ -240,7 +238,6 @@ def validate(cfg: RLOOConfig) -> None:
         (cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
         (cfg.num_eval_samples >= 0, "num_eval_samples must be >= 0"),
         (cfg.logging_steps >= 1, "logging_steps must be >= 1"),
-        (cfg.save_steps >= 0, "save_steps must be >= 0"),
         (cfg.torch_dtype in ("auto", "float32", "bfloat16", "float16"),
          f"torch_dtype must be auto, float32, bfloat16 or float16, got {cfg.torch_dtype!r}"),
         (cfg.missing_eos_penalty is None or cfg.missing_eos_penalty >= 0, "missing_eos_penalty must be >= 0"),

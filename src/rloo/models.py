@@ -97,7 +97,9 @@ def completion_logprobs(
     k = num_completions // num_prompts
     if k * num_prompts != num_completions:
         raise ValueError(f"completion_logprobs: {num_completions} completions is not a multiple of {num_prompts} prompts")
-    forward = _shared_prompt_logits if share_prompt and k > 1 else _repeated_prompt_logits
+    # transformers turns the KV cache off under gradient checkpointing in training, so share only without it.
+    checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
+    forward = _shared_prompt_logits if share_prompt and k > 1 and not checkpointing else _repeated_prompt_logits
     logits_BTV = forward(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k)
     logprobs_all = (logits_BTV.float() / temperature).log_softmax(-1)
     logprobs_BT = logprobs_all.gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1) * completion_mask_BT
