@@ -75,9 +75,11 @@ def test_python_api_accepts_model_object_dataset_and_callable_rewards(tiny_model
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     dataset = load_prompt_dataset("rloo:tldr").select(range(16))
-    cfg = tiny_config(tiny_model_dir, tmp_path / "run", reward_weights=None, num_eval_samples=0)
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", reward_weights=None, model_name_or_path="rloo:tldr-tiny-sft")
     result = train(cfg, model=model, tokenizer=tokenizer, rewards=[prefers_short], train_dataset=dataset)
+    # A dataset object has no held-out split: no evaluation on some other dataset's prompts.
     assert result.eval_before is None and len(result.metrics) == 2
+    assert f"model_name_or_path: {tiny_model_dir}" in (result.output_dir / "config.yaml").read_text()
     assert "completion" in calls[0] and "truncated" in calls[0] and "completion_ids" in calls[0]
     assert "rewards/prefers_short" in result.metrics[0]
 
@@ -110,6 +112,7 @@ def test_cli_train_eval_generate(tiny_model_dir, tmp_path):
                    cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "held-out reward on 4 validation prompts: before" in done.stdout
+    assert "step 2/2 reward" in done.stdout  # metrics on stdout when the progress bar is off
     done = run_cli("eval", "--model", str(tmp_path / "run"), "--num_samples", "3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -141,3 +144,11 @@ def test_gradient_checkpointing_run_matches_plain_run(tiny_model_dir, tmp_path):
     assert plain.metrics[0]["reward"] == checkpointed.metrics[0]["reward"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_beta_zero_skips_the_reference_and_warmup_schedules_the_learning_rate(tiny_model_dir, tmp_path):
+    result = train(tiny_config(tiny_model_dir, tmp_path / "run", beta=0.0, num_eval_samples=0, max_steps=2,
+                               lr_scheduler_type="constant", warmup_ratio=0.5))
+    assert [m["kl"] for m in result.metrics] == [0.0, 0.0]
+    # warm-up over 1 of 2 steps: the first step runs at lr 0, the second at the peak
+    assert [m["learning_rate"] for m in result.metrics] == [0.0, pytest.approx(1e-2)]

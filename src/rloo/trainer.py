@@ -101,13 +101,17 @@ def train(
                 add_advantages(rollout, rollout.old_logprobs_BT, cfg.beta, cfg.kl_estimator)
                 if cfg.normalize_advantages:
                     rollout.advantages_B = objective.normalize_advantages(rollout.advantages_B)
+        learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
         update = policy_update(run, rollout)  # phase 4
         seconds = time.perf_counter() - start
-        metrics = step_metrics(step, rollout, run.sources, update, seconds, run.scheduler.get_last_lr()[0], cfg)
+        metrics = step_metrics(step, rollout, run.sources, update, seconds, learning_rate, cfg)
         metrics["num_truncated_prompts"] = run.num_truncated_prompts
         history.append(metrics)  # phase 5
         if step % cfg.logging_steps == 0 or step == sizes.max_steps:
             writer.write(metrics)
+            if progress.disable and run.accelerator.is_main_process:  # no bar: one line per logged step
+                print(f"step {step}/{sizes.max_steps} reward {metrics['reward']:.4f} kl {metrics['kl']:.4f} "
+                      f"episodes/s {metrics['episodes_per_s']:.1f}", flush=True)
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}",
                              eps=f"{metrics['episodes_per_s']:.1f}")
         progress.update(1)
@@ -126,10 +130,14 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         cfg.reward_funcs = [r if isinstance(r, str) else f"{r.__module__}:{getattr(r, '__qualname__', r)}" for r in rewards]
     validate(cfg)  # config errors before any data or model is touched
     accelerator = Accelerator()
+    train_dataset_arg = train_dataset
     train_dataset = load_prompt_dataset(train_dataset if train_dataset is not None else cfg.dataset_name,
                                         cfg.dataset_train_split)
     sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
-    if eval_dataset is None and cfg.num_eval_samples > 0 and not Path(cfg.dataset_name).is_file():
+    # Held-out prompts: the given eval_dataset, else the eval split of dataset_name when training on it
+    # (a single file, or a dataset object passed in, has no held-out split of its own).
+    if eval_dataset is None and cfg.num_eval_samples > 0 and not Path(cfg.dataset_name).is_file() \
+            and train_dataset_arg is None:
         eval_dataset = load_prompt_dataset(cfg.dataset_name, cfg.dataset_eval_split)
     elif eval_dataset is not None:
         eval_dataset = load_prompt_dataset(eval_dataset, cfg.dataset_eval_split)
@@ -140,6 +148,7 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         policy = load_policy(start_model, cfg.torch_dtype, cfg.trust_remote_code)
     else:
         policy, start_model = model, getattr(model, "name_or_path", "") or "in-memory model"
+        cfg.model_name_or_path = start_model
     if tokenizer is None:
         tokenizer = load_tokenizer(start_model, cfg.trust_remote_code)
     elif tokenizer.pad_token is None:
@@ -152,7 +161,9 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     reference = frozen_copy(policy).to(accelerator.device) if cfg.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sizes.max_steps),
+    # transformers' "constant" ignores warm-up; its "constant_with_warmup" is what a warm-up ratio asks for.
+    schedule = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sizes.max_steps),
                               num_training_steps=sizes.max_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.train()
