@@ -310,3 +310,27 @@ def test_resolve_model_path():
         resolve_model_path("rloo:unknown")
     assert resolve_model_path("some-org/some-model") == "some-org/some-model"
     assert resolve_model_path("/a/local/folder") == "/a/local/folder"
+
+
+@pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(temperature=0.7),
+                                      dict(temperature=1.3, top_k=20, top_p=0.9)])
+def test_shared_prefill_generation_equals_generate(policy, sampling):
+    """DESIGN.md §3: prefilling each prompt once and repeating its KV cache k times samples exactly the
+    tokens transformers' generate samples on the repeated prompts, for the same seed (float64 model;
+    a fifth of the vocabulary counts as EOS so that rows stop early at different steps)."""
+    model = policy.double()
+    eos_ids = list(range(0, 512, 5))
+    results = []
+    for share in (True, False):
+        generator = HFGenerator(model, pad_token_id=PAD, eos_token_ids=eos_ids, max_new_tokens=9,
+                                share_prompt=share, **sampling)
+        torch.manual_seed(11)
+        results.append(generator.generate(PROMPTS, 4))
+    shared, repeated = results
+    assert shared.completion_ids_BT.shape == repeated.completion_ids_BT.shape
+    assert torch.equal(shared.completion_ids_BT, repeated.completion_ids_BT)
+    assert torch.equal(shared.completion_mask_BT, repeated.completion_mask_BT)
+    assert torch.equal(shared.truncated_B, repeated.truncated_B)
+    if sampling.get("do_sample", True):
+        lengths = shared.completion_mask_BT.sum(1)
+        assert lengths.min() < lengths.max()  # rows really stopped at different steps
