@@ -18,7 +18,7 @@ FIELD_NAMES = [
     # generation
     "num_generations", "max_completion_length", "temperature", "top_p", "top_k",
     # reward
-    "reward_funcs", "reward_weights", "reward_model_name_or_path", "missing_eos_penalty",
+    "reward_funcs", "reward_weights", "reward_model_name_or_path", "reward_model_append_eos", "missing_eos_penalty",
     # objective
     "beta", "kl_estimator", "epsilon", "epsilon_high", "normalize_advantages", "mask_truncated_completions",
     "num_iterations",
@@ -86,7 +86,7 @@ def test_tiny_preset_is_the_cpu_default():
     assert cfg.preset == "tldr-tiny"
     assert cfg.model_name_or_path == "rloo:tldr-tiny-sft"
     assert cfg.dataset_name == "rloo:tldr"
-    assert len(cfg.reward_weights) == len(cfg.reward_funcs) >= 1
+    assert cfg.reward_weights is None and len(cfg.reward_funcs) == 4  # weights default to 1.0 each
     assert cfg.resolve(num_train_rows=1000).max_steps == 80  # fixed in the preset, not derived
 
 
@@ -307,3 +307,14 @@ def test_to_dict_round_trips_through_yaml(tmp_path, name):
     assert again.to_dict() == cfg.to_dict()
     assert {k: type(v) for k, v in again.to_dict().items()} == {k: type(v) for k, v in cfg.to_dict().items()}
     assert again.preset == name
+
+
+def test_bare_boolean_flag_means_true_and_preset_accepts_fewer_reward_funcs():
+    from rloo.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--gradient_checkpointing", "--normalize_advantages", "false"])
+    cfg = load_config(None, {k: v for k, v in vars(args).items() if k not in ("command", "config")})
+    assert cfg.gradient_checkpointing is True and cfg.normalize_advantages is False
+    # the preset names no weights, so choosing other reward functions needs no weights either
+    cfg = load_config("tldr-tiny", {"reward_funcs": ["rouge_l"]})
+    assert cfg.resolve().num_prompts_per_step == 4

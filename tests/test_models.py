@@ -334,3 +334,17 @@ def test_shared_prefill_generation_equals_generate(policy, sampling):
     if sampling.get("do_sample", True):
         lengths = shared.completion_mask_BT.sum(1)
         assert lengths.min() < lengths.max()  # rows really stopped at different steps
+
+
+def test_disable_dropout_makes_training_forwards_deterministic(tiny_tokenizer):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from rloo.models import disable_dropout
+
+    config = GPTNeoXConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, hidden_dropout=0.5, classifier_dropout=0.5)
+    model = GPTNeoXForCausalLM(config).train()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is really there
+    disable_dropout(model)
+    assert torch.equal(model(ids).logits, model(ids).logits)

@@ -152,3 +152,33 @@ def test_beta_zero_skips_the_reference_and_warmup_schedules_the_learning_rate(ti
     assert [m["kl"] for m in result.metrics] == [0.0, 0.0]
     # warm-up over 1 of 2 steps: the first step runs at lr 0, the second at the peak
     assert [m["learning_rate"] for m in result.metrics] == [0.0, pytest.approx(1e-2)]
+
+
+def test_reused_generation_batch_with_normalised_advantages_and_k3(tiny_model_dir, tmp_path):
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", num_iterations=2, normalize_advantages=True,
+                      kl_estimator="k3", num_eval_samples=0, max_steps=2)
+    result = train(cfg)
+    first, second = result.metrics
+    assert first["reward"] == second["reward"]  # step 2 trains on the batch sampled for step 1
+    assert first["clip_ratio"] == 0.0 and abs(first["loss"]) < 1e-6  # fresh batch: ratio exactly 1
+    assert abs(second["loss"]) > 1e-6  # after one update the ratio moved away from 1
+    assert first["kl"] >= 0 and second["kl"] >= 0  # k3 is never negative
+    assert cfg.sizes is None and result.config.sizes.max_steps == 2  # the caller's config is left as it was
+
+
+def test_dataset_without_the_eval_split_trains_without_evaluation(tiny_model_dir, tmp_path):
+    from datasets import DatasetDict
+
+    folder = tmp_path / "prompts"
+    DatasetDict({"train": load_prompt_dataset("rloo:tldr").select(range(12))}).save_to_disk(str(folder))
+    result = train(tiny_config(tiny_model_dir, tmp_path / "run", dataset_name=str(folder), num_eval_samples=4))
+    assert result.eval_before is None and len(result.metrics) == 2
+    assert (result.output_dir / "model.safetensors").is_file()
+
+
+def test_masked_truncated_completions_do_not_train(tiny_model_dir, tmp_path):
+    # A random 512-token model almost never emits EOS within 8 tokens: every completion is truncated.
+    result = train(tiny_config(tiny_model_dir, tmp_path / "run", mask_truncated_completions=True,
+                               num_eval_samples=0, max_steps=1))
+    assert result.metrics[0]["frac_truncated"] == 1.0
+    assert result.metrics[0]["grad_norm"] == 0.0

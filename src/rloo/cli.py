@@ -22,10 +22,12 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
-            nargs = "+" if str(f.type).startswith("list") else None
+            kind = str(f.type)
+            # Lists take several values; a bare boolean flag means true (`--gradient_checkpointing`), as in TRL.
+            nargs, const = ("+", None) if kind.startswith("list") else ("?", "true") if kind == "bool" else (None, None)
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            group.add_argument(f"--{f.name}", nargs=nargs, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                               help=f"{f.metadata.get('help', '')} (default: {default})")
+            group.add_argument(f"--{f.name}", nargs=nargs, const=const, default=argparse.SUPPRESS,
+                               metavar=f.name.upper(), help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
 def parse_known_strict(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -79,6 +81,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides = overrides_from(args, ("model", "dataset", "num_samples", "eval_seed"))
     cfg = eval_config(resolve_model_path(args.model), args.config, overrides)
     cfg.resolve(num_train_rows=1 << 30)
+    if args.dataset is None and Path(cfg.dataset_name).is_file():
+        raise ValueError(f"--dataset: dataset_name '{cfg.dataset_name}' is one file with no held-out split; "
+                         "name the held-out prompts with --dataset")
     dataset = load_prompt_dataset(args.dataset or cfg.dataset_name, cfg.dataset_eval_split)
     model = load_policy(cfg.model_name_or_path, cfg.torch_dtype, cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)

@@ -76,6 +76,10 @@ class RewardArgs:
     reward_model_name_or_path: str | None = arg(
         None, "Sequence-classification reward model (local folder or hub id), scored with its own tokenizer."
     )
+    reward_model_append_eos: bool = arg(
+        False, "Score the reward model on prompt + completion + EOS for completions that ended with EOS "
+        "(how the cleanrl TL;DR reward model was trained)."
+    )
     missing_eos_penalty: float | None = arg(
         None, "Subtracted from the score of completions that end without EOS (the TL;DR recipe uses 1.0)."
     )

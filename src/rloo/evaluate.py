@@ -26,7 +26,7 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     weights_F = torch.tensor(sources.weights, dtype=torch.float32)
     rewards, scores, lengths = [], [], []
     # A fixed seed makes "before" and "after" draw the same random numbers, so their difference is paired.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, num_samples, batch_size):
             indices = list(range(start, min(start + batch_size, num_samples)))

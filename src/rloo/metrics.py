@@ -50,7 +50,7 @@ class MetricsWriter:
     """Appends one JSON object per line; only the main process writes."""
 
     def __init__(self, path: Path, enabled: bool = True):
-        self.file = open(path, "a", encoding="utf-8") if enabled else None
+        self.file = open(path, "w", encoding="utf-8") if enabled else None
 
     def write(self, metrics: dict) -> None:
         if self.file is not None:

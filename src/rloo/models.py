@@ -1,8 +1,8 @@
 """Policy / reference loading and per-token log-probs of completions given their prompts.
 
 Batches stay grouped: ``prompt_ids_PL`` holds each of the P distinct prompts once and
-``completion_ids_BT`` its k completions (B = P * k, rows of one prompt adjacent). The log-prob pass
-here repeats each prompt k times; it is the one place to change for a shared-prefix pass.
+``completion_ids_BT`` its k completions (B = P * k, rows of one prompt adjacent), so the log-prob pass
+runs each prompt once and shares it with its k completions (DESIGN.md §3).
 """
 
 from __future__ import annotations
@@ -63,6 +63,14 @@ def frozen_copy(model: PreTrainedModel) -> PreTrainedModel:
     return reference
 
 
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere (as TRL does): with it, the training pass would not reproduce the sampling
+    policy's log-probs (ratio != 1 on-policy) and the KL to an identical reference would not be 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
     """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
@@ -98,7 +106,7 @@ def completion_logprobs(
     if k * num_prompts != num_completions:
         raise ValueError(f"completion_logprobs: {num_completions} completions is not a multiple of {num_prompts} prompts")
     # transformers turns the KV cache off under gradient checkpointing in training, so share only without it.
-    checkpointing = model.training and getattr(model, "is_gradient_checkpointing", False)
+    checkpointing = model.training and getattr(getattr(model, "module", model), "is_gradient_checkpointing", False)
     forward = _shared_prompt_logits if share_prompt and k > 1 and not checkpointing else _repeated_prompt_logits
     logits_BTV = forward(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k)
     logprobs_all = (logits_BTV.float() / temperature).log_softmax(-1)

@@ -145,8 +145,8 @@ def ensure_tldr_tiny_policy(recipe: dict | None = None) -> Path:
     logger.warning("building the tldr-tiny starting policy in %s (first run only)", folder)
     rows = [json.loads(line) for line in BUNDLED_DATASETS["rloo:tldr"]["train"].read_text().splitlines()]
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], recipe["vocab_size"])
-    model = build_model(tokenizer, recipe, recipe["seed"])
-    with torch.random.fork_rng():
+    with torch.random.fork_rng():  # building leaves the caller's random state as it was
+        model = build_model(tokenizer, recipe, recipe["seed"])
         losses = supervised_warmup(model, tokenizer, rows, recipe)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
@@ -30,8 +31,8 @@ from rloo.data import PromptSampler, gather_rows, load_prompt_dataset, render_pr
 from rloo.evaluate import evaluate, paired_gain
 from rloo.generation import Generator, build_generator
 from rloo.metrics import MetricsWriter, step_metrics
-from rloo.models import (completion_logprobs, eos_token_ids, frozen_copy, load_policy, load_tokenizer,
-                         resolve_model_path)
+from rloo.models import (completion_logprobs, disable_dropout, eos_token_ids, frozen_copy, load_policy,
+                         load_tokenizer, resolve_model_path)
 from rloo.rewards import RewardSources, build_rewards
 from rloo.rollout import Rollout, add_advantages, add_logprobs, sample, score
 from rloo.run_folder import save_run_folder
@@ -66,6 +67,7 @@ class TrainResult:
     eval_before: dict | None
     eval_after: dict | None
     metrics: list[dict]
+    config: RLOOConfig  # the resolved config of the run (the one passed in is left unchanged)
 
 
 def train(
@@ -79,7 +81,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune a causal LM with RLOO. ``model``, ``rewards`` and the datasets override the config's
     names; ``rewards`` may hold callables ``fn(prompts, completions, **columns) -> list[float | None]``."""
-    cfg = config if config is not None else load_config()
+    cfg = copy.deepcopy(config) if config is not None else load_config()
     run = setup(cfg, model, tokenizer, rewards, train_dataset, eval_dataset)
     sizes = cfg.sizes
     eval_before = run_evaluation(run, "before")
@@ -121,7 +123,7 @@ def train(
     summary = summarize(eval_before, eval_after)
     if run.accelerator.is_main_process:  # phase 6
         save_run_folder(run, summary)
-    return TrainResult(run.output_dir, eval_before, eval_after, history)
+    return TrainResult(run.output_dir, eval_before, eval_after, history, cfg)
 
 
 def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_dataset) -> Run:
@@ -130,34 +132,13 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         cfg.reward_funcs = [r if isinstance(r, str) else f"{r.__module__}:{getattr(r, '__qualname__', r)}" for r in rewards]
     validate(cfg)  # config errors before any data or model is touched
     accelerator = Accelerator()
-    train_dataset_arg = train_dataset
-    train_dataset = load_prompt_dataset(train_dataset if train_dataset is not None else cfg.dataset_name,
-                                        cfg.dataset_train_split)
+    train_dataset, eval_dataset = load_datasets(cfg, train_dataset, eval_dataset)
     sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
-    # Held-out prompts: the given eval_dataset, else the eval split of dataset_name when training on it
-    # (a single file, or a dataset object passed in, has no held-out split of its own).
-    if eval_dataset is None and cfg.num_eval_samples > 0 and not Path(cfg.dataset_name).is_file() \
-            and train_dataset_arg is None:
-        eval_dataset = load_prompt_dataset(cfg.dataset_name, cfg.dataset_eval_split)
-    elif eval_dataset is not None:
-        eval_dataset = load_prompt_dataset(eval_dataset, cfg.dataset_eval_split)
-    set_seed(cfg.seed)
-    if model is None or isinstance(model, str):
-        start_model = resolve_model_path(model or cfg.model_name_or_path)
-        cfg.model_name_or_path = start_model
-        policy = load_policy(start_model, cfg.torch_dtype, cfg.trust_remote_code)
-    else:
-        policy, start_model = model, getattr(model, "name_or_path", "") or "in-memory model"
-        cfg.model_name_or_path = start_model
-    if tokenizer is None:
-        tokenizer = load_tokenizer(start_model, cfg.trust_remote_code)
-    elif tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    policy, tokenizer, start_model = load_model(cfg, model, tokenizer)
+    set_seed(cfg.seed)  # after loading: a first run that builds the tiny policy samples like every later run
     sources = build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
-                            cfg.reward_model_name_or_path, device=accelerator.device)
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        policy.config.use_cache = False
+                            cfg.reward_model_name_or_path, device=accelerator.device,
+                            reward_model_kwargs={"append_eos": cfg.reward_model_append_eos})
     reference = frozen_copy(policy).to(accelerator.device) if cfg.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
@@ -177,6 +158,47 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         output_dir.mkdir(parents=True, exist_ok=True)
     return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,
                sampler, optimizer, scheduler, output_dir, start_model)
+
+
+def load_datasets(cfg: RLOOConfig, train_dataset, eval_dataset) -> tuple[Any, Any]:
+    """Training prompts and held-out prompts: the given eval_dataset, else the eval split of dataset_name
+    when training on it (a single file or a dataset object has no held-out split of its own)."""
+    if train_dataset is not None:
+        train = load_prompt_dataset(train_dataset, cfg.dataset_train_split)
+        cfg.dataset_name = f"in-memory dataset ({len(train)} rows)" if not isinstance(train_dataset, str) else train_dataset
+    else:
+        train = load_prompt_dataset(cfg.dataset_name, cfg.dataset_train_split)
+    if eval_dataset is not None:
+        return train, load_prompt_dataset(eval_dataset, cfg.dataset_eval_split)
+    if cfg.num_eval_samples == 0 or train_dataset is not None or Path(cfg.dataset_name).is_file():
+        return train, None
+    try:
+        return train, load_prompt_dataset(cfg.dataset_name, cfg.dataset_eval_split)
+    except ValueError as err:
+        if "split" not in str(err).lower():
+            raise
+        logger.warning("no held-out evaluation: dataset '%s' has no split '%s' (%s)", cfg.dataset_name,
+                       cfg.dataset_eval_split, err)
+        return train, None
+
+
+def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any, str]:
+    """The policy (a name, or a model object), its tokenizer (with a pad token), dropout off."""
+    if model is None or isinstance(model, str):
+        start_model = resolve_model_path(model or cfg.model_name_or_path)
+        policy = load_policy(start_model, cfg.torch_dtype, cfg.trust_remote_code)
+    else:
+        policy, start_model = model, getattr(model, "name_or_path", "") or "in-memory model"
+    cfg.model_name_or_path = start_model
+    if tokenizer is None:
+        tokenizer = load_tokenizer(start_model, cfg.trust_remote_code)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    disable_dropout(policy)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        policy.config.use_cache = False
+    return policy, tokenizer, start_model
 
 
 def sample_rollout(run: Run, rows: list[int]) -> Rollout:
