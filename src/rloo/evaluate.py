@@ -6,12 +6,11 @@ import math
 
 import torch
 
-from rloo import objective
 from rloo.data import gather_rows, render_prompt, tokenize_prompts
 from rloo.generation import build_generator
 from rloo.models import eos_token_ids
-from rloo.rewards import RewardSources, score_completions
-from rloo.rollout import sample
+from rloo.rewards import RewardSources
+from rloo.rollout import sample, score
 
 
 @torch.no_grad()
@@ -23,7 +22,6 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     num_samples = min(num_samples or len(dataset), len(dataset))
     generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer))
     device = next(model.parameters()).device
-    weights_F = torch.tensor(sources.weights, dtype=torch.float32)
     rewards, scores, lengths = [], [], []
     # A fixed seed makes "before" and "after" draw the same random numbers, so their difference is paired.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -33,14 +31,10 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
             prompts, columns = gather_rows(dataset, indices)
             texts = [render_prompt(p, tokenizer) for p in prompts]
             prompt_ids = tokenize_prompts(texts, tokenizer, cfg.max_prompt_length, warn=False).input_ids
-            rollout = sample(generator, tokenizer, texts, prompt_ids, columns, 1, device)
-            ids = [row[m.bool()].tolist() for row, m in zip(rollout.completion_ids_BT.cpu(), rollout.completion_mask_BT.cpu())]
-            rewards_BF = score_completions(sources, texts, rollout.completions, columns, completion_ids=ids,
-                                           truncated=rollout.truncated_B.tolist()).cpu()
-            scores_B = objective.combine_rewards(rewards_BF, weights_F)
-            scores_B = objective.apply_missing_eos_penalty(scores_B, rollout.truncated_B.cpu(), cfg.missing_eos_penalty or 0.0)
-            rewards.append(rewards_BF)
-            scores.append(scores_B)
+            rollout = score(sample(generator, tokenizer, texts, prompt_ids, columns, 1, device), sources,
+                            cfg.missing_eos_penalty)
+            rewards.append(rollout.rewards_BF.cpu())
+            scores.append(rollout.scores_B.cpu())
             lengths.append(rollout.completion_mask_BT.sum(1).float().cpu())
     rewards_NF, scores_N, lengths_N = torch.cat(rewards), torch.cat(scores), torch.cat(lengths)
     finite = scores_N[torch.isfinite(scores_N)]
