@@ -14,7 +14,7 @@ FIELD_NAMES = [
     # model
     "model_name_or_path", "torch_dtype", "trust_remote_code",
     # data
-    "dataset_name", "dataset_train_split", "dataset_eval_split", "max_prompt_length", "num_eval_samples",
+    "dataset_name", "dataset_train_split", "dataset_eval_split", "shuffle_dataset", "max_prompt_length", "num_eval_samples",
     # generation
     "num_generations", "max_completion_length", "temperature", "top_p", "top_k",
     # reward

@@ -301,3 +301,8 @@ def test_gather_rows():
     prompts, columns = gather_rows(ds, [2, 0])
     assert prompts == [ROWS[2]["prompt"], ROWS[0]["prompt"]]
     assert columns == {"completion": [" third", " first"], "score": [3, 1]}
+
+
+def test_prompt_sampler_without_shuffle_follows_file_order():
+    sampler = PromptSampler(num_rows=10, num_prompts=4, seed=3, shuffle=False)
+    assert [next(sampler) for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [0, 1, 2, 3]]

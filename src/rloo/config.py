@@ -48,6 +48,7 @@ class DataArgs:
     )
     dataset_train_split: str = arg("train", "Split used for training.")
     dataset_eval_split: str = arg("validation", "Split used for held-out evaluation.")
+    shuffle_dataset: bool = arg(True, "Visit training prompts in a seeded random order each epoch (False: file order).")
     max_prompt_length: int | None = arg(
         512, "Prompts longer than this many tokens keep their last tokens (left truncation, as in the TL;DR recipe)."
     )

@@ -257,12 +257,13 @@ class PromptSampler:
     """Row indices, ``num_prompts`` per batch, forever; a seeded permutation per epoch, exact resume.
 
     Epoch e uses ``torch.randperm`` with a generator seeded ``seed + e`` (independent of the
-    global RNG). Each global batch (``num_prompts * world_size`` rows) is a contiguous slice of
+    global RNG), or file order when ``shuffle`` is False. Each global batch (``num_prompts * world_size`` rows) is a contiguous slice of
     the permutation; rank r takes its r-th slice of ``num_prompts``, so ranks neither overlap nor
     leave gaps. An epoch's last partial global batch is dropped, so every batch is full.
     """
 
-    def __init__(self, num_rows: int, num_prompts: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, num_rows: int, num_prompts: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = True):
         if num_prompts < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
                 f"PromptSampler needs num_prompts >= 1, world_size >= 1 and 0 <= rank < world_size; "
@@ -275,7 +276,7 @@ class PromptSampler:
                 f"{num_prompts} * {world_size} = {self.num_global} prompts"
             )
         self.num_rows, self.num_prompts, self.seed = num_rows, num_prompts, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.epoch = 0
         self.position = 0  # rows of this epoch's permutation already handed out (all ranks together)
         self._permutations: dict[tuple[int, int], list[int]] = {}  # (seed, epoch) -> this epoch's order
@@ -284,7 +285,8 @@ class PromptSampler:
         key = (self.seed, self.epoch)
         if key not in self._permutations:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._permutations = {key: torch.randperm(self.num_rows, generator=generator).tolist()}
+            order = torch.randperm(self.num_rows, generator=generator) if self.shuffle else torch.arange(self.num_rows)
+            self._permutations = {key: order.tolist()}
         return self._permutations[key]
 
     def __iter__(self) -> PromptSampler:

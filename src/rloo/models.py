@@ -109,13 +109,30 @@ def completion_logprobs(
     checkpointing = model.training and getattr(getattr(model, "module", model), "is_gradient_checkpointing", False)
     forward = _shared_prompt_logits if share_prompt and k > 1 and not checkpointing else _repeated_prompt_logits
     logits_BTV = forward(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k)
-    logprobs_all = (logits_BTV.float() / temperature).log_softmax(-1)
-    logprobs_BT = logprobs_all.gather(-1, completion_ids_BT.unsqueeze(-1)).squeeze(-1) * completion_mask_BT
-    entropy_BT = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy_BT = -(logprobs_all.exp() * logprobs_all).sum(-1) * completion_mask_BT
-    return logprobs_BT, entropy_BT
+    logprobs_BT, entropy_BT = selective_logprobs(logits_BTV, completion_ids_BT, temperature, with_entropy)
+    return logprobs_BT * completion_mask_BT, entropy_BT * completion_mask_BT if with_entropy else None
+
+
+def selective_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, temperature: float = 1.0,
+                       with_entropy: bool = False, rows_per_chunk: int = 4) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / temperature)[id] as logit[id] - logsumexp(logits), a few rows at a time.
+
+    No full (B, T, V) log-softmax is kept for backward (logsumexp saves only its input, the logits
+    themselves when temperature is 1), and the entropy is computed without grad chunk by chunk.
+    """
+    logprobs, entropies = [], []
+    for start in range(0, logits_BTV.shape[0], rows_per_chunk):
+        logits = logits_BTV[start : start + rows_per_chunk].float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        logsumexp_BT = torch.logsumexp(logits, dim=-1)
+        ids = ids_BT[start : start + rows_per_chunk].unsqueeze(-1)
+        logprobs.append(logits.gather(-1, ids).squeeze(-1) - logsumexp_BT)
+        if with_entropy:
+            with torch.no_grad():  # H = -sum p log p = logsumexp - sum p * logit
+                probs = (logits - logsumexp_BT.unsqueeze(-1)).exp()
+                entropies.append(logsumexp_BT - (probs * logits).sum(-1))
+    return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
 
 
 def _repeated_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k):

@@ -151,7 +151,7 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     unwrapped = accelerator.unwrap_model(policy)
     generator = build_generator(cfg, unwrapped, tokenizer, eos_token_ids(unwrapped, tokenizer))
     sampler = PromptSampler(len(train_dataset), sizes.num_prompts_per_process, cfg.seed,
-                            accelerator.process_index, accelerator.num_processes)
+                            accelerator.process_index, accelerator.num_processes, cfg.shuffle_dataset)
     output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg.output_dir = str(output_dir)
     if accelerator.is_main_process:
