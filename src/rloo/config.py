@@ -62,6 +62,10 @@ class GenerationArgs:
     temperature: float = arg(1.0, "Sampling temperature; also divides the logits in every log-prob computation.")
     top_p: float = arg(1.0, "Nucleus sampling probability mass (1.0 = off).")
     top_k: int = arg(0, "Sample among the top-k tokens only (0 = off).")
+    share_prompt_prefix: bool = arg(
+        True, "Run each prompt once for its k completions (generation, reference and training passes; KV cache "
+        "repeated k times). False repeats the prompt k times, as TRL does: the same results, more work."
+    )
 
 
 @dataclass

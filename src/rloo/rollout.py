@@ -116,13 +116,15 @@ def score(rollout: Rollout, sources: RewardSources, missing_eos_penalty: float |
 
 
 @torch.no_grad()
-def add_logprobs(rollout: Rollout, model, temperature: float, num_prompts_per_pass: int, field: str) -> Rollout:
+def add_logprobs(rollout: Rollout, model, temperature: float, num_prompts_per_pass: int, field: str,
+                 share_prompt: bool = True) -> Rollout:
     """Phase 3: no-grad log-probs of ``model`` (reference, or the sampling policy) in micro-batches."""
     chunks = []
     width = rollout.completion_ids_BT.shape[1]
     for mb in rollout.micro_batches(num_prompts_per_pass):
         logprobs_BT, _ = completion_logprobs(
-            model, mb.prompt_ids_PL, mb.prompt_mask_PL, mb.completion_ids_BT, mb.completion_mask_BT, temperature
+            model, mb.prompt_ids_PL, mb.prompt_mask_PL, mb.completion_ids_BT, mb.completion_mask_BT, temperature,
+            share_prompt=share_prompt,
         )
         chunks.append(torch.nn.functional.pad(logprobs_BT, (0, width - logprobs_BT.shape[1])))
     setattr(rollout, field, torch.cat(chunks))

@@ -96,10 +96,12 @@ def train(
             rollout = sample_rollout(run, rows)  # phase 1
             score(rollout, run.sources, cfg.missing_eos_penalty)  # phase 2
             if run.reference is not None:  # phase 3
-                add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_micro_batch, "ref_logprobs_BT")
+                add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_micro_batch, "ref_logprobs_BT",
+                             cfg.share_prompt_prefix)
             if cfg.num_iterations > 1 or cfg.normalize_advantages:
                 # The batch is reused or normalised as a whole: its sampling-policy log-probs are needed up front.
-                add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_micro_batch, "old_logprobs_BT")
+                add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_micro_batch, "old_logprobs_BT",
+                             cfg.share_prompt_prefix)
                 add_advantages(rollout, rollout.old_logprobs_BT, cfg.beta, cfg.kl_estimator)
                 if cfg.normalize_advantages:
                     rollout.advantages_B = objective.normalize_advantages(rollout.advantages_B)
@@ -230,7 +232,7 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
     for mb in rollout.micro_batches(sizes.num_prompts_per_micro_batch):
         logprobs_BT, entropy_BT = completion_logprobs(run.policy, mb.prompt_ids_PL, mb.prompt_mask_PL,
                                                       mb.completion_ids_BT, mb.completion_mask_BT, cfg.temperature,
-                                                      with_entropy=True)
+                                                      with_entropy=True, share_prompt=cfg.share_prompt_prefix)
         old_logprobs_BT = mb.old_logprobs_BT if mb.old_logprobs_BT is not None else logprobs_BT.detach()
         if mb.advantages_B is None:
             add_advantages(mb, old_logprobs_BT, cfg.beta, cfg.kl_estimator)

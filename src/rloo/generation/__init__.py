@@ -51,4 +51,5 @@ def build_generator(cfg, model, tokenizer, eos_token_ids: list[int]) -> Generato
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
+        share_prompt=cfg.share_prompt_prefix,
     )
