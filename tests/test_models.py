@@ -20,7 +20,7 @@ from rloo.models import (
     load_tokenizer,
     resolve_model_path,
 )
-from rloo.tiny import right_pad
+from rloo.data import right_pad
 
 EOS, PAD = 0, 1
 

@@ -253,6 +253,17 @@ def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tenso
 
 
 # ------------------------------------------------------------------------------------------ sampling
+def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (input_ids_BT, attention_mask_BT), long tensors right padded to the longest (completions)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
 class PromptSampler:
     """Row indices, ``num_prompts`` per batch, forever; a seeded permutation per epoch, exact resume.
 

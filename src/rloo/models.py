@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -146,20 +148,36 @@ def _repeated_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids
                  logits_to_keep=num_tokens + 1, use_cache=False).logits[:, :-1]
 
 
+@dataclass
+class SharedPrefill:
+    """P prompts run once, their state repeated for k completions each (B = P * k rows)."""
+
+    cache: Any  # the KV cache, batch repeated k times
+    last_logits_BV: torch.Tensor  # logits at each prompt's last token: they predict completion token 0
+    attention_mask_BL: torch.Tensor  # the prompt mask, repeated k times
+    next_position_B: torch.Tensor  # each prompt's own length: where its completions' positions start
+
+
+def prefill_shared(model, prompt_ids_PL: torch.Tensor, prompt_mask_PL: torch.Tensor, k: int) -> SharedPrefill:
+    """Run each left-padded prompt once and repeat its KV cache k times (DESIGN.md §3); used by the
+    log-prob passes (with autograd through the cache) and by generation."""
+    out = model(input_ids=prompt_ids_PL, attention_mask=prompt_mask_PL,
+                position_ids=(prompt_mask_PL.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+    out.past_key_values.batch_repeat_interleave(k)
+    attention_mask_BL = prompt_mask_PL.repeat_interleave(k, 0)
+    # Positions continue after each prompt's own length, not the padded width.
+    return SharedPrefill(out.past_key_values, out.logits[:, -1].repeat_interleave(k, 0), attention_mask_BL,
+                         attention_mask_BL.sum(1))
+
+
 def _shared_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k):
     """The same logits with each prompt run once: its KV cache is repeated k times for the completions."""
-    prompt_positions_PL = (prompt_mask_PL.cumsum(1) - 1).clamp(min=0)
-    prompt_out = model(input_ids=prompt_ids_PL, attention_mask=prompt_mask_PL, position_ids=prompt_positions_PL,
-                       use_cache=True, logits_to_keep=1)
-    cache = prompt_out.past_key_values
-    cache.batch_repeat_interleave(k)
-    prompt_mask_BL = prompt_mask_PL.repeat_interleave(k, 0)
-    # Completion positions continue after each prompt's own length (not the padded width).
-    start_B = prompt_mask_BL.sum(1, keepdim=True)
+    prefill = prefill_shared(model, prompt_ids_PL, prompt_mask_PL, k)
     num_tokens = completion_ids_BT.shape[1]
-    position_ids = start_B + torch.arange(num_tokens, device=completion_ids_BT.device)[None, :]
-    completion_out = model(input_ids=completion_ids_BT, attention_mask=torch.cat([prompt_mask_BL, completion_mask_BT], 1),
-                           position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=num_tokens)
+    position_ids = prefill.next_position_B[:, None] + torch.arange(num_tokens, device=completion_ids_BT.device)[None, :]
+    completion_out = model(input_ids=completion_ids_BT,
+                           attention_mask=torch.cat([prefill.attention_mask_BL, completion_mask_BT], 1),
+                           position_ids=position_ids, past_key_values=prefill.cache, use_cache=True,
+                           logits_to_keep=num_tokens)
     # Token 0 is predicted by the prompt's last position; tokens 1..T-1 by completion positions 0..T-2.
-    first_B1V = prompt_out.logits[:, -1:].repeat_interleave(k, 0)
-    return torch.cat([first_B1V, completion_out.logits[:, :-1]], dim=1)
+    return torch.cat([prefill.last_logits_BV[:, None], completion_out.logits[:, :-1]], dim=1)

@@ -23,7 +23,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from rloo.data import BUNDLED_DATASETS, left_pad, tokenize_prompts
+from rloo.data import BUNDLED_DATASETS, left_pad, right_pad, tokenize_prompts
 from rloo.models import completion_logprobs
 
 logger = logging.getLogger(__name__)
@@ -117,16 +117,6 @@ def supervised_warmup(model, tokenizer, rows: list[dict], recipe: dict) -> list[
             logger.info("tldr-tiny warm-up step %d/%d: completion loss %.3f", step + 1, steps, loss.item())
     model.eval()
     return losses
-
-
-def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return ids, mask
 
 
 def recipe_hash(recipe: dict) -> str:

@@ -17,6 +17,7 @@ from transformers.generation.logits_process import (LogitsProcessorList, Tempera
 
 from rloo.data import left_pad
 from rloo.generation import Completions, cut_at_eos
+from rloo.models import prefill_shared
 
 
 class HFGenerator:
@@ -73,13 +74,9 @@ class HFGenerator:
 
     def _shared_prefill_decode(self, prompt_ids_PL: torch.Tensor, prompt_mask_PL: torch.Tensor, k: int) -> torch.Tensor:
         """Prefill P prompts once, repeat the KV cache k times, decode B = P * k rows token by token."""
-        out = self.model(input_ids=prompt_ids_PL, attention_mask=prompt_mask_PL,
-                         position_ids=(prompt_mask_PL.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(k)
-        logits_BV = out.logits[:, -1].float().repeat_interleave(k, 0)
-        attention_mask = prompt_mask_PL.repeat_interleave(k, 0)
-        position_B = attention_mask.sum(1)
+        prefill = prefill_shared(self.model, prompt_ids_PL, prompt_mask_PL, k)
+        cache, logits_BV = prefill.cache, prefill.last_logits_BV.float()
+        attention_mask, position_B = prefill.attention_mask_BL, prefill.next_position_B
         eos_E = torch.tensor(self.eos_token_ids, device=logits_BV.device)
         unfinished_B = torch.ones(logits_BV.shape[0], dtype=torch.bool, device=logits_BV.device)
         tokens = []
