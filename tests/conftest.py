@@ -47,3 +47,18 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(folder)
     assert (folder / "model.safetensors").is_file()
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_policy_reward_model_dir(tmp_path_factory, tiny_tokenizer):
+    """A random GPTNeoXForSequenceClassification (one label) with the policy's own tokenizer, so it can
+    score the policy's token ids directly (RewardModel with ``policy_tokenizer``)."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForSequenceClassification
+
+    torch.manual_seed(1)
+    config = GPTNeoXConfig(vocab_size=len(tiny_tokenizer), num_labels=1, tie_word_embeddings=False, **TINY_RECIPE)
+    folder = tmp_path_factory.mktemp("tiny-reward-model")
+    GPTNeoXForSequenceClassification(config).save_pretrained(folder, safe_serialization=True)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

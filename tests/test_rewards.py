@@ -297,6 +297,50 @@ def test_reward_model_from_objects_and_build_rewards(tiny_reward_model_dir):
     assert rewards_NF.shape == (2, 2) and torch.isfinite(rewards_NF).all()
 
 
+@pytest.mark.parametrize("append_eos", [True, False])
+def test_reward_model_on_policy_token_ids_shared_prompt_equals_repeated_and_text(tiny_reward_model_dir, append_eos):
+    """Technique 5 (DESIGN.md §3): with the policy's vocabulary, the reward model scores the policy's ids;
+    each prompt runs once per group with its KV cache shared. Scores equal (1e-5) the repeated computation,
+    one unpadded sequence at a time, and the text path where the texts tokenize to the same ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_reward_model_dir)
+    eos = tokenizer.eos_token_id
+    prompts = ["POST: my cat scratches the sofa TL;DR:", "POST: the dog sleeps TL;DR:"]
+    completions = [" the cat", " cat and a dog share the new sofa every night", "", " sofa", " the dog sleeps", " dog"]
+    truncated = [False, True, False, False, False, True]  # row 2: an EOS-only completion
+    prompt_texts = [p for p in prompts for _ in range(3)]  # two groups of k = 3, prompts of different lengths
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompt_texts]
+    completion_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] + ([] if cut else [eos])
+                      for c, cut in zip(completions, truncated)]
+    for p, c, pi, ci, cut in zip(prompt_texts, completions, prompt_ids, completion_ids, truncated):
+        assert tokenizer(p + c, add_special_tokens=False)["input_ids"] == pi + (ci if cut else ci[:-1])
+    ids = dict(prompt_ids=prompt_ids, completion_ids=completion_ids, truncated=truncated)
+
+    results = {}
+    for share in (True, False):
+        for batch_size in (2, 16):  # 2: groups of 3 still go whole, one per forward
+            rm = RewardModel(str(tiny_reward_model_dir), batch_size=batch_size, append_eos=append_eos,
+                             policy_tokenizer=tokenizer, share_prompt=share)
+            assert rm.scores_token_ids and rm.share_prompt is share
+            results[share, batch_size] = rm(prompt_texts, completions, **ids)
+    expected = [_direct_score_ids(rm, torch.tensor([pi + (ci if cut else ci[:-1] + ([eos] if append_eos else []))]))
+                for pi, ci, cut in zip(prompt_ids, completion_ids, truncated)]
+    for scores in results.values():
+        assert scores == pytest.approx(expected, abs=1e-5)
+    text_path = RewardModel(str(tiny_reward_model_dir), append_eos=append_eos)
+    assert not text_path.scores_token_ids
+    assert text_path(prompt_texts, completions, **ids) == pytest.approx(expected, abs=1e-5)
+    assert len(set(round(x, 4) for x in expected)) == len(expected)  # distinct scores: rows are not mixed up
+
+
+def test_reward_model_policy_ids_need_the_same_vocabulary(tiny_reward_model_dir, tiny_tokenizer):
+    rm = RewardModel(str(tiny_reward_model_dir), policy_tokenizer=tiny_tokenizer)
+    assert not rm.scores_token_ids  # another vocabulary: texts are re-tokenized
+    assert rm(["the dog"], [" sleeps"], prompt_ids=[[5, 6]], completion_ids=[[7]], truncated=[True]) == pytest.approx(
+        [_direct_score(rm, "the dog sleeps")], abs=1e-5)
+
+
 def test_reward_model_missing_hub_id_is_one_line(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubUnreachableError) as info:

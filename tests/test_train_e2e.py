@@ -184,15 +184,20 @@ def test_masked_truncated_completions_do_not_train(tiny_model_dir, tmp_path):
     assert result.metrics[0]["grad_norm"] == 0.0
 
 
-def test_sharing_the_prompt_prefix_changes_no_result(tiny_model_dir, tmp_path):
-    """DESIGN.md §3 at run level: with the prompt run once per group (on) or k times (off), two steps
+def test_sharing_the_prompt_prefix_changes_no_result(tiny_model_dir, tiny_policy_reward_model_dir, tmp_path):
+    """DESIGN.md §3 at run level: with the prompt run once per group (on) or k times (off) in generation,
+    the log-prob passes and the reward model (which scores the policy's ids: same vocabulary), two steps
     sample the same completions and give the same rewards, KL, advantages and parameters."""
     runs = {}
     for share in (True, False):
         runs[share] = train(tiny_config(tiny_model_dir, tmp_path / str(share), share_prompt_prefix=share,
-                                        num_eval_samples=0, max_steps=2, learning_rate=1e-3, temperature=0.7))
+                                        num_eval_samples=0, max_steps=2, learning_rate=1e-3, temperature=0.7,
+                                        reward_model_name_or_path=str(tiny_policy_reward_model_dir),
+                                        reward_weights=[1.0, 0.5, 1.0]))
+    assert runs[True].metrics[0]["rewards/reward_model"] != 0.0
     for on, off in zip(runs[True].metrics, runs[False].metrics):
-        for key in ("reward", "rewards/grounding", "completion_length", "advantage_abs_mean", "kl"):
+        for key in ("reward", "rewards/grounding", "rewards/reward_model", "completion_length", "advantage_abs_mean",
+                    "kl"):
             assert on[key] == pytest.approx(off[key], abs=1e-5), key
     a = load_file(runs[True].output_dir / "model.safetensors")
     b = load_file(runs[False].output_dir / "model.safetensors")

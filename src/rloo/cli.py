@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rloo.data import load_prompt_dataset
     from rloo.evaluate import evaluate
     from rloo.models import load_policy, load_tokenizer, resolve_model_path
-    from rloo.rewards import build_rewards
+    from rloo.trainer import load_rewards
 
     overrides = overrides_from(args, ("model", "dataset", "num_samples", "eval_seed"))
     cfg = eval_config(resolve_model_path(args.model), args.config, overrides)
@@ -87,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = load_prompt_dataset(args.dataset or cfg.dataset_name, cfg.dataset_eval_split)
     model = load_policy(cfg.model_name_or_path, cfg.torch_dtype, cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    sources = build_rewards(cfg.reward_funcs, cfg.reward_weights, cfg.reward_model_name_or_path)
+    sources = load_rewards(cfg, None, tokenizer, "cpu")
     result = evaluate(model, tokenizer, dataset, sources, cfg, args.num_samples or cfg.num_eval_samples or None,
                       seed=args.eval_seed)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("per_prompt")}))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -44,6 +46,17 @@ def step_metrics(step: int, rollout, sources, update: dict, seconds: float, lear
         "step_seconds": seconds,
     })
     return metrics
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str):
+    """Adds the wall time of the ``with`` block to ``timings["time/<phase>"]`` (seconds)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        key = f"time/{phase}"
+        timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
 
 class MetricsWriter:

@@ -101,11 +101,13 @@ def score(rollout: Rollout, sources: RewardSources, missing_eos_penalty: float |
     """Phase 2: every reward source on every completion, then the weighted score per completion."""
     k = rollout.num_generations
     ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids_BT.cpu(), rollout.completion_mask_BT.cpu())]
+    prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.prompt_ids_PL.cpu(), rollout.prompt_mask_PL.cpu())]
     rollout.rewards_BF = score_completions(
         sources,
         [p for p in rollout.prompts for _ in range(k)],
         rollout.completions,
         {name: [v for v in column for _ in range(k)] for name, column in rollout.columns.items()},
+        prompt_ids=[p for p in prompt_ids for _ in range(k)],
         completion_ids=ids,
         truncated=rollout.truncated_B.tolist(),
     ).to(rollout.completion_ids_BT.device)

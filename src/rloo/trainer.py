@@ -30,7 +30,7 @@ from rloo.config import RLOOConfig, load_config, validate
 from rloo.data import PromptSampler, gather_rows, load_prompt_dataset, render_prompt, tokenize_prompts
 from rloo.evaluate import evaluate, paired_gain
 from rloo.generation import Generator, build_generator
-from rloo.metrics import MetricsWriter, step_metrics
+from rloo.metrics import MetricsWriter, step_metrics, timed
 from rloo.models import (completion_logprobs, disable_dropout, eos_token_ids, frozen_copy, load_policy,
                          load_tokenizer, resolve_model_path)
 from rloo.rewards import RewardSources, build_rewards
@@ -90,25 +90,31 @@ def train(
     progress = tqdm(total=sizes.max_steps, desc="rloo", disable=cfg.disable_tqdm or not run.accelerator.is_main_process)
     rollout: Rollout | None = None
     for step in range(1, sizes.max_steps + 1):
-        start = time.perf_counter()
+        start, timings = time.perf_counter(), {}
         if (step - 1) % cfg.num_iterations == 0:
             rows = next(run.sampler)
-            rollout = sample_rollout(run, rows)  # phase 1
-            score(rollout, run.sources, cfg.missing_eos_penalty)  # phase 2
+            with timed(timings, "generate"):  # phase 1
+                rollout = sample_rollout(run, rows)
+            with timed(timings, "score"):  # phase 2
+                score(rollout, run.sources, cfg.missing_eos_penalty)
             if run.reference is not None:  # phase 3
-                add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_micro_batch, "ref_logprobs_BT",
-                             cfg.share_prompt_prefix)
+                with timed(timings, "reference"):
+                    add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_micro_batch,
+                                 "ref_logprobs_BT", cfg.share_prompt_prefix)
             if cfg.num_iterations > 1 or cfg.normalize_advantages:
                 # The batch is reused or normalised as a whole: its sampling-policy log-probs are needed up front.
-                add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_micro_batch, "old_logprobs_BT",
-                             cfg.share_prompt_prefix)
+                with timed(timings, "old_policy"):
+                    add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_micro_batch,
+                                 "old_logprobs_BT", cfg.share_prompt_prefix)
                 add_advantages(rollout, rollout.old_logprobs_BT, cfg.beta, cfg.kl_estimator)
                 if cfg.normalize_advantages:
                     rollout.advantages_B = objective.normalize_advantages(rollout.advantages_B)
         learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        update = policy_update(run, rollout)  # phase 4
+        with timed(timings, "update"):  # phase 4
+            update = policy_update(run, rollout)
         seconds = time.perf_counter() - start
         metrics = step_metrics(step, rollout, run.sources, update, seconds, learning_rate, cfg)
+        metrics.update(timings)
         metrics["num_truncated_prompts"] = run.num_truncated_prompts
         history.append(metrics)  # phase 5
         if step % cfg.logging_steps == 0 or step == sizes.max_steps:
@@ -138,9 +144,7 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
     policy, tokenizer, start_model = load_model(cfg, model, tokenizer)
     set_seed(cfg.seed)  # after loading: a first run that builds the tiny policy samples like every later run
-    sources = build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
-                            cfg.reward_model_name_or_path, device=accelerator.device,
-                            reward_model_kwargs={"append_eos": cfg.reward_model_append_eos})
+    sources = load_rewards(cfg, rewards, tokenizer, accelerator.device)
     reference = frozen_copy(policy).to(accelerator.device) if cfg.beta > 0 else None
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
@@ -160,6 +164,15 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         output_dir.mkdir(parents=True, exist_ok=True)
     return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,
                sampler, optimizer, scheduler, output_dir, start_model)
+
+
+def load_rewards(cfg: RLOOConfig, rewards, tokenizer, device) -> RewardSources:
+    """The run's reward sources; a reward model scores the policy's token ids when it shares the
+    policy's vocabulary, each prompt once per group when ``share_prompt_prefix`` (RewardModel)."""
+    return build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
+                         cfg.reward_model_name_or_path, device=device,
+                         reward_model_kwargs={"append_eos": cfg.reward_model_append_eos, "policy_tokenizer": tokenizer,
+                                              "share_prompt": cfg.share_prompt_prefix})
 
 
 def load_datasets(cfg: RLOOConfig, train_dataset, eval_dataset) -> tuple[Any, Any]:

@@ -6,7 +6,8 @@ A reward function is a plain callable (DESIGN.md §5)::
 
 returning one value per completion (None: not applicable to that sample). The trainer passes by
 keyword every dataset column other than ``prompt`` (e.g. ``completion`` = reference summaries),
-``completion_ids`` (tokens up to and including the first EOS) and ``truncated`` (no EOS within the
+``prompt_ids`` (the policy's prompt tokens, after truncation), ``completion_ids`` (tokens up to and
+including the first EOS) and ``truncated`` (no EOS within the
 token limit); a function takes what it needs and ignores the rest through ``**kwargs``. A reward
 model is one more such callable (``RewardModel``), so the trainer never branches on the kind.
 """
@@ -182,7 +183,7 @@ def _unique_names(fns: Sequence[RewardFn]) -> list[str]:
 
 
 def _check_accepts_kwargs(name: str, fn: RewardFn) -> None:
-    # Fail at start-up, not at the first step: the trainer always passes completion_ids, truncated
+    # Fail at start-up, not at the first step: the trainer always passes prompt_ids, completion_ids, truncated
     # and the dataset columns by keyword.
     try:
         parameters = inspect.signature(fn).parameters.values()
@@ -191,7 +192,7 @@ def _check_accepts_kwargs(name: str, fn: RewardFn) -> None:
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         raise ValueError(
             f"reward function '{name}' must accept **kwargs: it is called as "
-            "fn(prompts, completions, completion_ids=..., truncated=..., <dataset columns>=...)"
+            "fn(prompts, completions, prompt_ids=..., completion_ids=..., truncated=..., <dataset columns>=...)"
         )
 
 
@@ -204,7 +205,7 @@ def score_completions(
 ) -> torch.Tensor:
     """Call every source on the batch: ``rewards_NF`` float32, N completions x F sources.
 
-    ``columns`` (dataset columns other than ``prompt``) and ``extra`` (``completion_ids``,
+    ``columns`` (dataset columns other than ``prompt``) and ``extra`` (``prompt_ids``, ``completion_ids``,
     ``truncated``) reach each function by keyword. None and non-finite values become NaN (the
     objective treats a sample with no finite reward as unscorable). Wrong return types or lengths
     raise one line naming the function; an exception raised inside a function propagates with a
