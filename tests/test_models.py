@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 
 from rloo.data import left_pad
 from rloo.generation import cut_at_eos
-from rloo.generation.hf import HFGenerator
+from rloo.generation.hf import HFGenerator, sample_categorical
 from rloo.hub import HubUnreachableError
 from rloo.models import (
     completion_logprobs,
@@ -314,10 +314,10 @@ def test_resolve_model_path():
 
 @pytest.mark.parametrize("sampling", [dict(do_sample=False), dict(temperature=0.7),
                                       dict(temperature=1.3, top_k=20, top_p=0.9)])
-def test_shared_prefill_generation_equals_generate(policy, sampling):
+def test_shared_prefill_generation_equals_repeated_prompts(policy, sampling):
     """DESIGN.md §3: prefilling each prompt once and repeating its KV cache k times samples exactly the
-    tokens transformers' generate samples on the repeated prompts, for the same seed (float64 model;
-    a fifth of the vocabulary counts as EOS so that rows stop early at different steps)."""
+    tokens that prefilling the repeated prompts samples, for the same seed (float64 model; a fifth of
+    the vocabulary counts as EOS so that rows stop early at different steps)."""
     model = policy.double()
     eos_ids = list(range(0, 512, 5))
     results = []
@@ -334,6 +334,50 @@ def test_shared_prefill_generation_equals_generate(policy, sampling):
     if sampling.get("do_sample", True):
         lengths = shared.completion_mask_BT.sum(1)
         assert lengths.min() < lengths.max()  # rows really stopped at different steps
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_greedy_decode_loop_equals_transformers_generate(policy, share):
+    """The lean decode loop (in-place KV cache, positions after each prompt's own length) picks exactly
+    the tokens of transformers' generate on the same left-padded prompts."""
+    from transformers import GenerationConfig
+
+    model = policy.double()
+    prompt_ids_PL, prompt_mask_PL = left_pad(PROMPTS, PAD)
+    # Two EOS ids taken from the greedy continuations (one row's 3rd token, another's 6th), so rows stop at different steps.
+    free = HFGenerator(model, pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=9, do_sample=False).generate(PROMPTS, 1)
+    eos_ids = sorted({int(free.completion_ids_BT[0, 5]), int(free.completion_ids_BT[-1, 2])})
+    out = HFGenerator(model, pad_token_id=PAD, eos_token_ids=eos_ids, max_new_tokens=9, do_sample=False,
+                      share_prompt=share).generate(PROMPTS, 2)
+    config = GenerationConfig(do_sample=False, max_new_tokens=9, eos_token_id=eos_ids, pad_token_id=PAD)
+    with torch.no_grad():
+        expected = model.generate(input_ids=prompt_ids_PL.repeat_interleave(2, 0),
+                                  attention_mask=prompt_mask_PL.repeat_interleave(2, 0), generation_config=config)
+    expected = cut_at_eos(expected[:, prompt_ids_PL.shape[1]:], eos_ids, PAD)
+    assert torch.equal(out.completion_ids_BT, expected.completion_ids_BT)
+    assert torch.equal(out.completion_mask_BT, expected.completion_mask_BT)
+    lengths = out.completion_mask_BT.sum(1)
+    assert lengths.min() < lengths.max()
+
+
+def test_sample_categorical_draws_the_distribution():
+    """Inverse-CDF sampling: frequencies match the probabilities (within 5 standard errors over 200k
+    draws), zero-probability tokens are never drawn, unnormalised rows work, the seed fixes the draws."""
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.125, 0.125, 0.0])
+    rows = probs.expand(200_000, -1) * 3.0  # rows need not sum to 1
+    torch.manual_seed(0)
+    draws = sample_categorical(rows)
+    freq = torch.bincount(draws, minlength=len(probs)).double() / len(draws)
+    se = (probs.double() * (1 - probs.double()) / len(draws)).sqrt()
+    assert (freq[probs == 0] == 0).all()
+    assert ((freq - probs.double()).abs() <= 5 * se + 1e-12).all()
+    one_hot = torch.zeros(3, 5)
+    one_hot[torch.arange(3), torch.tensor([4, 0, 2])] = 1.0
+    assert sample_categorical(one_hot).tolist() == [4, 0, 2]
+    torch.manual_seed(1)
+    again = sample_categorical(rows[:1000])
+    torch.manual_seed(1)
+    assert torch.equal(sample_categorical(rows[:1000]), again)
 
 
 def test_disable_dropout_makes_training_forwards_deterministic(tiny_tokenizer):

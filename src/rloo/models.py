@@ -2,7 +2,8 @@
 
 Batches stay grouped: ``prompt_ids_PL`` holds each of the P distinct prompts once and
 ``completion_ids_BT`` its k completions (B = P * k, rows of one prompt adjacent), so the log-prob pass
-runs each prompt once and shares it with its k completions (DESIGN.md §3).
+runs each prompt once and shares it with its k completions (DESIGN.md §3); so does generation's
+prefill (``prefill_shared``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from rloo.hub import from_pretrained
 
@@ -98,21 +100,25 @@ def completion_logprobs(
     Prompts are left padded (P, L); completions right padded (B, T) with B = P * k, the k rows of a
     prompt adjacent. Returns ``logprobs_BT`` (0 on padding) and, if asked, ``entropy_BT`` (detached).
 
-    ``share_prompt`` (DESIGN.md §3): run each prompt once, expand its KV cache to its k completions,
-    then run the completions after it. Autograd flows back through the shared prompt states, so
-    log-probs and gradients equal those of the repeated computation (``share_prompt=False``: every
-    prompt concatenated to each of its completions), which a test checks.
+    ``share_prompt`` (DESIGN.md §3): run each prompt once, then its k completions side by side in one
+    row after the prompt's KV cache (``_shared_prompt_logits``). Autograd flows back through the
+    shared prompt states, so log-probs and gradients equal those of the repeated computation
+    (``share_prompt=False``: every prompt concatenated to each of its completions), which a test checks.
     """
     num_prompts, num_completions = prompt_ids_PL.shape[0], completion_ids_BT.shape[0]
     k = num_completions // num_prompts
     if k * num_prompts != num_completions:
         raise ValueError(f"completion_logprobs: {num_completions} completions is not a multiple of {num_prompts} prompts")
-    # transformers turns the KV cache off under gradient checkpointing in training, so share only without it.
+    # transformers turns the KV cache off under gradient checkpointing in training, and the completion slots
+    # need a 4D mask (sdpa / eager attention): share only then.
     checkpointing = model.training and getattr(getattr(model, "module", model), "is_gradient_checkpointing", False)
-    forward = _shared_prompt_logits if share_prompt and k > 1 and not checkpointing else _repeated_prompt_logits
-    logits_BTV = forward(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k)
-    logprobs_BT, entropy_BT = selective_logprobs(logits_BTV, completion_ids_BT, temperature, with_entropy)
-    return logprobs_BT * completion_mask_BT, entropy_BT * completion_mask_BT if with_entropy else None
+    shared = share_prompt and k > 1 and not checkpointing and _takes_4d_masks(model)
+    forward = _shared_prompt_logits if shared else _repeated_prompt_logits
+    parts = [selective_logprobs(logits, ids, temperature, with_entropy)
+             for logits, ids in forward(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k)]
+    logprobs_BT = torch.cat([logprobs for logprobs, _ in parts], dim=1) * completion_mask_BT
+    entropy_BT = torch.cat([entropy for _, entropy in parts], dim=1) * completion_mask_BT if with_entropy else None
+    return logprobs_BT, entropy_BT
 
 
 def selective_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, temperature: float = 1.0,
@@ -138,19 +144,32 @@ def selective_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, temperatu
 
 
 def _repeated_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k):
-    """Logits predicting each completion token, from [prompt ; completion] rows (the prompt k times)."""
+    """[(logits, ids)] predicting each completion token, from [prompt ; completion] rows (the prompt k times)."""
     input_ids = torch.cat([prompt_ids_PL.repeat_interleave(k, 0), completion_ids_BT], dim=1)
     attention_mask = torch.cat([prompt_mask_PL.repeat_interleave(k, 0), completion_mask_BT], dim=1)
     # Positions count real tokens only, so a left-padded prompt starts at 0 exactly as in generation.
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     num_tokens = completion_ids_BT.shape[1]
-    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 logits_to_keep=num_tokens + 1, use_cache=False).logits[:, :-1]
+    logits_BTV = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       logits_to_keep=num_tokens + 1, use_cache=False).logits[:, :-1]
+    return [(logits_BTV, completion_ids_BT)]
+
+
+def attention_bias(model, allowed_BQK: torch.Tensor, mask_2d: torch.Tensor) -> torch.Tensor:
+    """The attention mask to pass: an additive (B, 1, Q, K) bias in the model's dtype for sdpa / eager
+    attention, which transformers uses as given, so every layer shares one tensor (from a 2D mask, each
+    layer's sdpa call converts a boolean mask to a new float one and keeps it for backward: 6 x 8 MB for
+    8 prompts of 512 tokens). Other attention kernels (flash-attention) get the 2D padding mask."""
+    if not _takes_4d_masks(model):
+        return mask_2d
+    dtype = next(model.parameters()).dtype
+    bias = torch.zeros(allowed_BQK.shape, dtype=dtype, device=allowed_BQK.device)
+    return bias.masked_fill_(~allowed_BQK, torch.finfo(dtype).min)[:, None]
 
 
 @dataclass
 class SharedPrefill:
-    """P prompts run once, their state repeated for k completions each (B = P * k rows)."""
+    """For generation: P prompts run once, their state repeated for k completions each (B = P * k rows)."""
 
     cache: Any  # the KV cache, batch repeated k times
     last_logits_BV: torch.Tensor  # logits at each prompt's last token: they predict completion token 0
@@ -158,26 +177,90 @@ class SharedPrefill:
     next_position_B: torch.Tensor  # each prompt's own length: where its completions' positions start
 
 
-def prefill_shared(model, prompt_ids_PL: torch.Tensor, prompt_mask_PL: torch.Tensor, k: int) -> SharedPrefill:
-    """Run each left-padded prompt once and repeat its KV cache k times (DESIGN.md §3); used by the
-    log-prob passes (with autograd through the cache) and by generation."""
-    out = model(input_ids=prompt_ids_PL, attention_mask=prompt_mask_PL,
-                position_ids=(prompt_mask_PL.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
-    out.past_key_values.batch_repeat_interleave(k)
+def _prompt_forward(model, prompt_ids_PL: torch.Tensor, prompt_mask_PL: torch.Tensor):
+    """Each left-padded prompt once, positions counting its real tokens from 0; its KV cache and the
+    logits at its last token (which predict completion token 0)."""
+    length = prompt_ids_PL.shape[1]
+    causal_LL = torch.ones(length, length, dtype=torch.bool, device=prompt_ids_PL.device).tril()
+    attention_mask = attention_bias(model, causal_LL[None] & prompt_mask_PL.bool()[:, None, :], prompt_mask_PL)
+    return model(input_ids=prompt_ids_PL, attention_mask=attention_mask,
+                 position_ids=(prompt_mask_PL.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+
+
+def prefill_shared(model, prompt_ids_PL: torch.Tensor, prompt_mask_PL: torch.Tensor, k: int,
+                   reserve: int = 0) -> SharedPrefill:
+    """For generation: run each left-padded prompt once and repeat its KV cache k times (DESIGN.md §3),
+    with room for ``reserve`` more tokens, written in place at each decode step (``ReservedCacheLayer``)."""
+    out = _prompt_forward(model, prompt_ids_PL, prompt_mask_PL)
+    cache = out.past_key_values
+    if reserve > 0:
+        cache.layers = [ReservedCacheLayer(layer.keys, layer.values, k, reserve) if type(layer) is DynamicLayer
+                        else layer for layer in cache.layers]
+    for layer in cache.layers:
+        if not isinstance(layer, ReservedCacheLayer):
+            layer.batch_repeat_interleave(k)
     attention_mask_BL = prompt_mask_PL.repeat_interleave(k, 0)
     # Positions continue after each prompt's own length, not the padded width.
     return SharedPrefill(out.past_key_values, out.logits[:, -1].repeat_interleave(k, 0), attention_mask_BL,
                          attention_mask_BL.sum(1))
 
 
+class ReservedCacheLayer(DynamicLayer):
+    """transformers' DynamicLayer, batch repeated k times, in a buffer with room for ``reserve`` more
+    tokens: each decode step writes its keys/values in place, where DynamicLayer would concatenate
+    (copying the whole cache every token, most of the decode time for short completions of long prompts)."""
+
+    def __init__(self, keys_PHLD: torch.Tensor, values_PHLD: torch.Tensor, k: int, reserve: int):
+        super().__init__()
+        num_prompts, heads, length, _ = keys_PHLD.shape
+        self._keys = keys_PHLD.new_empty(num_prompts, k, heads, length + reserve, keys_PHLD.shape[-1])
+        self._values = values_PHLD.new_empty(num_prompts, k, heads, length + reserve, values_PHLD.shape[-1])
+        self._keys[:, :, :, :length] = keys_PHLD[:, None]
+        self._values[:, :, :, :length] = values_PHLD[:, None]
+        self._keys, self._values = self._keys.flatten(0, 1), self._values.flatten(0, 1)
+        self.dtype, self.device, self.is_initialized, self.length = keys_PHLD.dtype, keys_PHLD.device, True, length
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[2]:
+            raise ValueError(f"ReservedCacheLayer: {end} tokens exceed the {self._keys.shape[2]} reserved")
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values
+
+
 def _shared_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k):
-    """The same logits with each prompt run once: its KV cache is repeated k times for the completions."""
-    prefill = prefill_shared(model, prompt_ids_PL, prompt_mask_PL, k)
-    num_tokens = completion_ids_BT.shape[1]
-    position_ids = prefill.next_position_B[:, None] + torch.arange(num_tokens, device=completion_ids_BT.device)[None, :]
-    completion_out = model(input_ids=completion_ids_BT,
-                           attention_mask=torch.cat([prefill.attention_mask_BL, completion_mask_BT], 1),
-                           position_ids=position_ids, past_key_values=prefill.cache, use_cache=True,
-                           logits_to_keep=num_tokens)
-    # Token 0 is predicted by the prompt's last position; tokens 1..T-1 by completion positions 0..T-2.
-    return torch.cat([prefill.last_logits_BV[:, None], completion_out.logits[:, :-1]], dim=1)
+    """The same logits with each prompt run once, then its k completions side by side in one row.
+
+    Row p of the second forward holds slots [c_1 | ... | c_k] of T tokens each after prompt p's KV
+    cache (not repeated); a block mask lets slot s see the prompt's real tokens and its own earlier
+    tokens only, and positions restart at the prompt's length in every slot. So every completion
+    token sees exactly what it sees in [prompt ; completion] rows. Token 0 is predicted by the
+    prompt's last position, tokens 1..T-1 by slot positions 0..T-2 (logits only there).
+    """
+    num_prompts, num_tokens = prompt_ids_PL.shape[0], completion_ids_BT.shape[1]
+    device = completion_ids_BT.device
+    out = _prompt_forward(model, prompt_ids_PL, prompt_mask_PL)
+    first = (out.logits[:, -1].repeat_interleave(k, 0)[:, None], completion_ids_BT[:, :1])
+    if num_tokens == 1:
+        return [first]
+    slot_token_S = torch.arange(num_tokens, device=device).repeat(k)  # S = k * T columns
+    causal_TT = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril()
+    own_slot_SS = torch.block_diag(*[causal_TT] * k)
+    allowed_PSK = torch.cat([prompt_mask_PL.bool()[:, None, :].expand(-1, k * num_tokens, -1),
+                             own_slot_SS[None].expand(num_prompts, -1, -1)], dim=2)
+    keep_S = (torch.arange(k, device=device)[:, None] * num_tokens + torch.arange(num_tokens - 1, device=device)).flatten()
+    slots_out = model(input_ids=completion_ids_BT.reshape(num_prompts, k * num_tokens),
+                      attention_mask=attention_bias(model, allowed_PSK, None),
+                      position_ids=prompt_mask_PL.sum(1, keepdim=True) + slot_token_S[None],
+                      past_key_values=out.past_key_values, use_cache=True, logits_to_keep=keep_S)
+    rest_BTV = slots_out.logits.reshape(num_prompts * k, num_tokens - 1, -1)
+    return [first, (rest_BTV, completion_ids_BT[:, 1:])]
+
+
+def _takes_4d_masks(model) -> bool:
+    """sdpa and eager attention take the additive 4D masks given (flash-attention kernels do not)."""
+    return getattr(getattr(model, "module", model).config, "_attn_implementation", None) in ("sdpa", "eager")
