@@ -9,7 +9,8 @@ tokens, trained on the bundled TL;DR train text), the bundled TL;DR train prompt
 left-truncated to 512 tokens, 53 new tokens at temperature 1.0, beta 0.05 (the reference pass runs),
 a reward function of negligible cost, learning rate 1e-5, no gradient checkpointing, 2 CPU threads.
 Each trainer runs in its own child process (so its peak resident memory is its own), alternating
-TRL, rloo per configuration. Figures: median episodes (completions) per second over steps 2..N.
+TRL, rloo per configuration. Figures: median episodes (completions) per second over steps 2..N, and
+the median seconds per phase (generation, rewards, reference pass, old-policy pass, update).
 """
 
 from __future__ import annotations
@@ -57,20 +58,53 @@ def build_workload(folder: Path) -> None:
             f.write(json.dumps({"prompt": tokenizer.decode(prompt_ids)}) + "\n")
 
 
-def run_trl(folder: Path, k: int, num_prompts: int, steps: int) -> list[float]:
+PHASES = ("generate", "score", "reference", "old_policy", "update")
+
+
+def run_trl(folder: Path, k: int, num_prompts: int, steps: int) -> list[dict]:
+    import torch
     from datasets import load_dataset
     from transformers import AutoTokenizer, TrainerCallback
     from trl import RLOOConfig, RLOOTrainer
 
+    class TimedRLOOTrainer(RLOOTrainer):
+        """TRL's trainer, unchanged, with its phases timed: generation, rewards, the no-grad log-prob
+        passes (old policy, reference); the rest of the step is the update (forward/backward, optimizer)."""
+
+        phase_seconds: dict[str, float] = {}
+
+        def _timed(self, phase, fn, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - start
+
+        def _generate(self, *args, **kwargs):
+            return self._timed("generate", super()._generate, *args, **kwargs)
+
+        def _calculate_rewards(self, *args, **kwargs):
+            return self._timed("score", super()._calculate_rewards, *args, **kwargs)
+
+        def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+            if torch.is_grad_enabled():  # the training forward: part of the update
+                return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+            phase = "reference" if model is self.ref_model else "old_policy"
+            return self._timed(phase, super()._get_per_token_logps_and_entropies, model, *args, **kwargs)
+
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.start = [], 0.0
+            self.steps, self.start = [], 0.0
 
         def on_step_begin(self, args, state, control, **kwargs):
+            TimedRLOOTrainer.phase_seconds = {}
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.start)
+            seconds = time.perf_counter() - self.start
+            phases = dict(TimedRLOOTrainer.phase_seconds)
+            phases["update"] = seconds - sum(phases.values())
+            self.steps.append({"step_seconds": seconds, **{f"time/{p}": v for p, v in phases.items()}})
 
     timer = StepTimer()
     args = RLOOConfig(
@@ -81,13 +115,13 @@ def run_trl(folder: Path, k: int, num_prompts: int, steps: int) -> list[float]:
     )
     dataset = load_dataset("json", data_files=str(folder / "prompts.jsonl"), split="train")
     tokenizer = AutoTokenizer.from_pretrained(folder / "model")
-    trainer = RLOOTrainer(model=str(folder / "model"), reward_funcs=[cheap_reward], args=args, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[timer])
+    trainer = TimedRLOOTrainer(model=str(folder / "model"), reward_funcs=[cheap_reward], args=args,
+                               train_dataset=dataset, processing_class=tokenizer, callbacks=[timer])
     trainer.train()
-    return timer.times
+    return timer.steps
 
 
-def run_rloo(folder: Path, k: int, num_prompts: int, steps: int) -> list[float]:
+def run_rloo(folder: Path, k: int, num_prompts: int, steps: int) -> list[dict]:
     from rloo import RLOOConfig, train
 
     cfg = RLOOConfig(
@@ -97,7 +131,8 @@ def run_rloo(folder: Path, k: int, num_prompts: int, steps: int) -> list[float]:
         max_steps=steps, seed=0, num_eval_samples=0, disable_tqdm=True, output_dir=str(folder / "rloo-out"),
     )
     result = train(cfg, rewards=[cheap_reward])
-    return [m["step_seconds"] for m in result.metrics]
+    return [{key: value for key, value in m.items() if key == "step_seconds" or key.startswith("time/")}
+            for m in result.metrics]
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -105,9 +140,9 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(NUM_THREADS)
     run = run_trl if args.worker == "trl" else run_rloo
-    times = run(Path(args.folder), args.k, args.num_prompts, args.steps)
+    steps = run(Path(args.folder), args.k, args.num_prompts, args.steps)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"step_seconds": times, "peak_rss_mb": peak_mb}), flush=True)
+    print("RESULT " + json.dumps({"steps": steps, "peak_rss_mb": peak_mb}), flush=True)
 
 
 def measure(trainer: str, folder: Path, k: int, num_prompts: int, steps: int) -> dict:
@@ -119,8 +154,10 @@ def measure(trainer: str, folder: Path, k: int, num_prompts: int, steps: int) ->
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"{trainer} worker failed:\n{done.stderr[-3000:]}")
     result = json.loads(lines[-1][len("RESULT "):])
-    episodes = k * num_prompts
-    result["median_episodes_per_s"] = episodes / statistics.median(result["step_seconds"][1:])
+    timed = result["steps"][1:]  # steps 2..N
+    result["median_episodes_per_s"] = k * num_prompts / statistics.median(s["step_seconds"] for s in timed)
+    result["median_phase_seconds"] = {p: round(statistics.median(s.get(f"time/{p}", 0.0) for s in timed), 3)
+                                      for p in PHASES}
     return result
 
 
@@ -148,13 +185,20 @@ def main() -> None:
                    "rloo_episodes_per_s": round(ours["median_episodes_per_s"], 2),
                    "speedup": round(ours["median_episodes_per_s"] / trl["median_episodes_per_s"], 2),
                    "trl_peak_rss_mb": round(trl["peak_rss_mb"]), "rloo_peak_rss_mb": round(ours["peak_rss_mb"]),
-                   "memory_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 2)}
+                   "memory_ratio": round(ours["peak_rss_mb"] / trl["peak_rss_mb"], 2),
+                   "trl_phase_seconds": trl["median_phase_seconds"], "rloo_phase_seconds": ours["median_phase_seconds"]}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'k':>3} {'P':>3} {'TRL ep/s':>9} {'rloo ep/s':>10} {'speedup':>8} {'TRL MB':>8} {'rloo MB':>8} {'mem ratio':>9}")
     for r in rows:
         print(f"{r['k']:>3} {r['prompts_per_step']:>3} {r['trl_episodes_per_s']:>9} {r['rloo_episodes_per_s']:>10} "
               f"{r['speedup']:>8} {r['trl_peak_rss_mb']:>8} {r['rloo_peak_rss_mb']:>8} {r['memory_ratio']:>9}")
+    print(f"\nmedian seconds per step by phase (update: the rest of the step)\n{'k':>3} {'P':>3} {'trainer':>8} "
+          + " ".join(f"{p:>10}" for p in PHASES))
+    for r in rows:
+        for name in ("trl", "rloo"):
+            phases = r[f"{name}_phase_seconds"]
+            print(f"{r['k']:>3} {r['prompts_per_step']:>3} {name:>8} " + " ".join(f"{phases[p]:>10}" for p in PHASES))
 
 
 if __name__ == "__main__":

@@ -134,6 +134,37 @@ def test_shared_prompt_equals_repeated_prompt(policy):
         assert ((shared - repeated).abs().max() / scale).item() < 1e-4, name
 
 
+def test_logprobs_from_hidden_states_only_when_logits_are_the_plain_output_layer(policy, monkeypatch):
+    """The shared pass feeds final hidden states to a chunked, checkpointed output layer (no (B, T, V)
+    logits kept) when the model's logits are that layer's output; a model that scales its logits (as
+    Gemma 2's soft-capping or Cohere's logit_scale do) gets the logits path, with the same results as
+    repeating the prompt either way."""
+    from transformers import GPTNeoXForCausalLM
+
+    from rloo import models
+
+    class ScaledLogits(GPTNeoXForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 0.5
+            return out
+
+    scaled = ScaledLogits(policy.config)
+    scaled.load_state_dict(policy.state_dict())
+    scaled.eval()
+    used = []
+    real = models.selective_logprobs_from_hidden
+    monkeypatch.setattr(models, "selective_logprobs_from_hidden", lambda *a, **kw: used.append(1) or real(*a, **kw))
+    batch = padded_batch()
+    for model, fused in ((policy, True), (scaled, False)):
+        used.clear()
+        shared, _ = completion_logprobs(model, *batch, temperature=0.7, share_prompt=True)
+        assert bool(used) is fused
+        repeated, _ = completion_logprobs(model, *batch, temperature=0.7, share_prompt=False)
+        torch.testing.assert_close(shared, repeated, rtol=0, atol=1e-5)
+    assert not torch.allclose(completion_logprobs(policy, *batch)[0], completion_logprobs(scaled, *batch)[0])
+
+
 # ------------------------------------------------------------------------------------------ reference model
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
@@ -114,8 +115,9 @@ def completion_logprobs(
     checkpointing = model.training and getattr(getattr(model, "module", model), "is_gradient_checkpointing", False)
     shared = share_prompt and k > 1 and not checkpointing and _takes_4d_masks(model)
     forward = _shared_prompt_logits if shared else _repeated_prompt_logits
-    parts = [selective_logprobs(logits, ids, temperature, with_entropy)
-             for logits, ids in forward(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k)]
+    parts = [(selective_logprobs_from_hidden if isinstance(inputs, HiddenStates) else selective_logprobs)(
+                 inputs, ids, temperature, with_entropy)
+             for inputs, ids in forward(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k)]
     logprobs_BT = torch.cat([logprobs for logprobs, _ in parts], dim=1) * completion_mask_BT
     entropy_BT = torch.cat([entropy for _, entropy in parts], dim=1) * completion_mask_BT if with_entropy else None
     return logprobs_BT, entropy_BT
@@ -141,6 +143,32 @@ def selective_logprobs(logits_BTV: torch.Tensor, ids_BT: torch.Tensor, temperatu
                 probs = (logits - logsumexp_BT.unsqueeze(-1)).exp()
                 entropies.append(logsumexp_BT - (probs * logits).sum(-1))
     return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
+
+
+def selective_logprobs_from_hidden(states: HiddenStates, ids_BT: torch.Tensor, temperature: float = 1.0,
+                                   with_entropy: bool = False, rows_per_chunk: int = 4
+                                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``selective_logprobs`` of ``states.head(states.hidden_BTD)`` without ever holding those logits:
+    a few rows at a time, under activation checkpointing, so backward recomputes each chunk's logits
+    (one more output-layer matmul) instead of keeping (B, T, V) floats from forward to backward."""
+    weight, bias = states.head.weight, states.head.bias
+    logprobs, entropies = [], []
+    for start in range(0, ids_BT.shape[0], rows_per_chunk):
+        args = (states.hidden_BTD[start : start + rows_per_chunk], ids_BT[start : start + rows_per_chunk], weight, bias)
+        if torch.is_grad_enabled():
+            chunk = torch.utils.checkpoint.checkpoint(_head_logprobs, *args, temperature, with_entropy,
+                                                      use_reentrant=False)
+        else:
+            chunk = _head_logprobs(*args, temperature, with_entropy)
+        logprobs.append(chunk[0])
+        entropies.append(chunk[1])
+    return torch.cat(logprobs), torch.cat(entropies) if with_entropy else None
+
+
+def _head_logprobs(hidden_BTD, ids_BT, weight, bias, temperature, with_entropy):
+    logits = torch.nn.functional.linear(hidden_BTD, weight, bias)
+    logprobs, entropies = selective_logprobs(logits, ids_BT, temperature, with_entropy, rows_per_chunk=len(ids_BT))
+    return logprobs, entropies
 
 
 def _repeated_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k):
@@ -177,14 +205,14 @@ class SharedPrefill:
     next_position_B: torch.Tensor  # each prompt's own length: where its completions' positions start
 
 
-def _prompt_forward(model, prompt_ids_PL: torch.Tensor, prompt_mask_PL: torch.Tensor):
+def _prompt_forward(model, prompt_ids_PL: torch.Tensor, prompt_mask_PL: torch.Tensor, **kwargs):
     """Each left-padded prompt once, positions counting its real tokens from 0; its KV cache and the
     logits at its last token (which predict completion token 0)."""
     length = prompt_ids_PL.shape[1]
     causal_LL = torch.ones(length, length, dtype=torch.bool, device=prompt_ids_PL.device).tril()
     attention_mask = attention_bias(model, causal_LL[None] & prompt_mask_PL.bool()[:, None, :], prompt_mask_PL)
     return model(input_ids=prompt_ids_PL, attention_mask=attention_mask,
-                 position_ids=(prompt_mask_PL.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+                 position_ids=(prompt_mask_PL.cumsum(1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1, **kwargs)
 
 
 def prefill_shared(model, prompt_ids_PL: torch.Tensor, prompt_mask_PL: torch.Tensor, k: int,
@@ -233,20 +261,23 @@ class ReservedCacheLayer(DynamicLayer):
 
 
 def _shared_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT, k):
-    """The same logits with each prompt run once, then its k completions side by side in one row.
+    """The same log-prob inputs with each prompt run once, then its k completions side by side in one row.
 
     Row p of the second forward holds slots [c_1 | ... | c_k] of T tokens each after prompt p's KV
     cache (not repeated); a block mask lets slot s see the prompt's real tokens and its own earlier
     tokens only, and positions restart at the prompt's length in every slot. So every completion
     token sees exactly what it sees in [prompt ; completion] rows. Token 0 is predicted by the
-    prompt's last position, tokens 1..T-1 by slot positions 0..T-2 (logits only there).
+    prompt's last position, tokens 1..T-1 by slot positions 0..T-2. Those take the final hidden
+    states to ``selective_logprobs_from_hidden`` (no (B, T, V) logits), when the model's logits are
+    its output embedding applied to them (checked on the prompt's last position; else logits).
     """
     num_prompts, num_tokens = prompt_ids_PL.shape[0], completion_ids_BT.shape[1]
     device = completion_ids_BT.device
-    out = _prompt_forward(model, prompt_ids_PL, prompt_mask_PL)
+    out = _prompt_forward(model, prompt_ids_PL, prompt_mask_PL, output_hidden_states=True)
     first = (out.logits[:, -1].repeat_interleave(k, 0)[:, None], completion_ids_BT[:, :1])
     if num_tokens == 1:
         return [first]
+    head = _plain_output_head(model, out.hidden_states[-1][:, -1:], out.logits[:, -1:])
     slot_token_S = torch.arange(num_tokens, device=device).repeat(k)  # S = k * T columns
     causal_TT = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril()
     own_slot_SS = torch.block_diag(*[causal_TT] * k)
@@ -256,9 +287,30 @@ def _shared_prompt_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_B
     slots_out = model(input_ids=completion_ids_BT.reshape(num_prompts, k * num_tokens),
                       attention_mask=attention_bias(model, allowed_PSK, None),
                       position_ids=prompt_mask_PL.sum(1, keepdim=True) + slot_token_S[None],
-                      past_key_values=out.past_key_values, use_cache=True, logits_to_keep=keep_S)
-    rest_BTV = slots_out.logits.reshape(num_prompts * k, num_tokens - 1, -1)
-    return [first, (rest_BTV, completion_ids_BT[:, 1:])]
+                      past_key_values=out.past_key_values, use_cache=True,
+                      output_hidden_states=head is not None, logits_to_keep=1 if head is not None else keep_S)
+    if head is None:
+        return [first, (slots_out.logits.reshape(num_prompts * k, num_tokens - 1, -1), completion_ids_BT[:, 1:])]
+    hidden_BTD = slots_out.hidden_states[-1][:, keep_S].reshape(num_prompts * k, num_tokens - 1, -1)
+    return [first, (HiddenStates(hidden_BTD, head), completion_ids_BT[:, 1:])]
+
+
+@dataclass
+class HiddenStates:
+    """Final hidden states and the output layer that turns them into logits (applied chunk by chunk)."""
+
+    hidden_BTD: torch.Tensor
+    head: torch.nn.Linear
+
+
+def _plain_output_head(model, hidden_P1D: torch.Tensor, logits_P1V: torch.Tensor) -> torch.nn.Linear | None:
+    """The output embedding, if the model's logits are exactly that layer applied to its final hidden
+    states (not so with logit soft-capping or scaling, as Gemma 2 or Cohere do); else None."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    with torch.no_grad():
+        return head if torch.allclose(head(hidden_P1D), logits_P1V, rtol=1e-4, atol=1e-5) else None
 
 
 def _takes_4d_masks(model) -> bool:
