@@ -1,7 +1,8 @@
 """rloo vs TRL's RLOOTrainer on identical work, side by side in one invocation (issue 3's benchmark).
 
     pip install -e ".[bench]"            # trl==1.16.0
-    python benchmarks/compare_trl.py [--steps 10] [--configs 4x4 8x2]
+    python benchmarks/compare_trl.py [--steps 10] [--configs 4x4 2x8]
+    python benchmarks/compare_trl.py --gpu   # pythia-1b-shaped model, bf16, k=2 x 16 prompts, on CUDA
 
 Both trainers get the same random-init pythia-architecture model (GPTNeoX hidden 128, 6 layers,
 4 heads, intermediate 512, rotary_pct 0.25, untied, seed 0, fp32), the same BPE tokenizer (8,192
@@ -31,6 +32,9 @@ MAX_PROMPT_TOKENS = 512
 MAX_COMPLETION_TOKENS = 53
 MODEL_RECIPE = {"vocab_size": 8192, "hidden_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
                 "intermediate_size": 512, "rotary_pct": 0.25, "max_position_embeddings": 2048}
+# Pythia-1B's shape (EleutherAI/pythia-1b config): the tokenizer is padded with unused tokens to its vocabulary.
+PYTHIA_1B_RECIPE = {"vocab_size": 50304, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 8,
+                    "intermediate_size": 8192, "rotary_pct": 0.25, "max_position_embeddings": 2048}
 
 
 def cheap_reward(prompts, completions, **kwargs):
@@ -38,7 +42,7 @@ def cheap_reward(prompts, completions, **kwargs):
     return [sum(ch.isalpha() for ch in c) / max(len(c), 1) for c in completions]
 
 
-def build_workload(folder: Path) -> None:
+def build_workload(folder: Path, recipe: dict, dtype: str) -> None:
     """The model folder and the truncated prompt file both trainers read."""
     import torch
 
@@ -47,7 +51,9 @@ def build_workload(folder: Path) -> None:
 
     rows = [json.loads(line) for line in BUNDLED_DATASETS["rloo:tldr"]["train"].read_text().splitlines()]
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], MODEL_RECIPE["vocab_size"])
-    model = build_model(tokenizer, MODEL_RECIPE, seed=0).to(torch.float32)
+    if recipe["vocab_size"] > len(tokenizer):
+        tokenizer.add_tokens([f"<|unused_{i}|>" for i in range(recipe["vocab_size"] - len(tokenizer))])
+    model = build_model(tokenizer, recipe, seed=0).to(getattr(torch, dtype))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder / "model", safe_serialization=True)
     tokenizer.save_pretrained(folder / "model")
@@ -61,7 +67,7 @@ def build_workload(folder: Path) -> None:
 PHASES = ("generate", "score", "reference", "old_policy", "update")
 
 
-def run_trl(folder: Path, k: int, num_prompts: int, steps: int) -> list[dict]:
+def run_trl(folder: Path, k: int, num_prompts: int, steps: int, gpu: bool) -> list[dict]:
     import torch
     from datasets import load_dataset
     from transformers import AutoTokenizer, TrainerCallback
@@ -110,7 +116,8 @@ def run_trl(folder: Path, k: int, num_prompts: int, steps: int) -> list[dict]:
     args = RLOOConfig(
         output_dir=str(folder / "trl-out"), per_device_train_batch_size=num_prompts * k, num_generations=k,
         max_completion_length=MAX_COMPLETION_TOKENS, temperature=1.0, beta=0.05, learning_rate=1e-5,
-        max_steps=steps, logging_steps=1, report_to="none", gradient_checkpointing=False, use_cpu=True,
+        max_steps=steps, logging_steps=1, report_to="none", gradient_checkpointing=False, use_cpu=not gpu,
+        bf16=gpu, model_init_kwargs={"dtype": "bfloat16" if gpu else "float32"},
         shuffle_dataset=False, save_strategy="no", seed=0, disable_tqdm=True,
     )
     dataset = load_dataset("json", data_files=str(folder / "prompts.jsonl"), split="train")
@@ -121,7 +128,7 @@ def run_trl(folder: Path, k: int, num_prompts: int, steps: int) -> list[dict]:
     return timer.steps
 
 
-def run_rloo(folder: Path, k: int, num_prompts: int, steps: int) -> list[dict]:
+def run_rloo(folder: Path, k: int, num_prompts: int, steps: int, gpu: bool) -> list[dict]:
     from rloo import RLOOConfig, train
 
     cfg = RLOOConfig(
@@ -129,6 +136,7 @@ def run_rloo(folder: Path, k: int, num_prompts: int, steps: int) -> list[dict]:
         max_prompt_length=MAX_PROMPT_TOKENS, num_generations=k, per_device_train_batch_size=num_prompts * k,
         max_completion_length=MAX_COMPLETION_TOKENS, temperature=1.0, beta=0.05, learning_rate=1e-5,
         max_steps=steps, seed=0, num_eval_samples=0, disable_tqdm=True, output_dir=str(folder / "rloo-out"),
+        torch_dtype="bfloat16" if gpu else "float32",
     )
     result = train(cfg, rewards=[cheap_reward])
     return [{key: value for key, value in m.items() if key == "step_seconds" or key.startswith("time/")}
@@ -138,17 +146,22 @@ def run_rloo(folder: Path, k: int, num_prompts: int, steps: int) -> list[dict]:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    torch.set_num_threads(NUM_THREADS)
+    if not args.gpu:
+        torch.set_num_threads(NUM_THREADS)
     run = run_trl if args.worker == "trl" else run_rloo
-    steps = run(Path(args.folder), args.k, args.num_prompts, args.steps)
+    steps = run(Path(args.folder), args.k, args.num_prompts, args.steps, args.gpu)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if args.gpu:  # the memory that matters there: the GPU's peak allocation
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps({"steps": steps, "peak_rss_mb": peak_mb}), flush=True)
 
 
-def measure(trainer: str, folder: Path, k: int, num_prompts: int, steps: int) -> dict:
+def measure(trainer: str, folder: Path, k: int, num_prompts: int, steps: int, gpu: bool) -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(NUM_THREADS), TOKENIZERS_PARALLELISM="false")
+    if not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     done = subprocess.run([sys.executable, __file__, "--worker", trainer, "--folder", str(folder), "--k", str(k),
-                           "--num_prompts", str(num_prompts), "--steps", str(steps)],
+                           "--num_prompts", str(num_prompts), "--steps", str(steps)] + (["--gpu"] if gpu else []),
                           capture_output=True, text=True, env=env)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
@@ -164,7 +177,10 @@ def measure(trainer: str, folder: Path, k: int, num_prompts: int, steps: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10, help="Steps per trainer (median over steps 2..N).")
-    parser.add_argument("--configs", nargs="+", default=["4x4", "2x8"], help="KxP: k completions x P prompts per step.")
+    parser.add_argument("--configs", nargs="+", help="KxP: k completions x P prompts per step (default 4x4 2x8; "
+                        "2x16 with --gpu).")
+    parser.add_argument("--gpu", action="store_true", help="On CUDA: a pythia-1b-shaped model in bf16; memory = "
+                        "peak GPU allocation.")
     parser.add_argument("--worker", choices=["trl", "rloo"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--k", type=int, help=argparse.SUPPRESS)
@@ -172,14 +188,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
+    configs = args.configs or (["2x16"] if args.gpu else ["4x4", "2x8"])
     with tempfile.TemporaryDirectory(prefix="rloo-bench-") as tmp:
         folder = Path(tmp)
-        build_workload(folder)
+        build_workload(folder, PYTHIA_1B_RECIPE if args.gpu else MODEL_RECIPE, "bfloat16" if args.gpu else "float32")
         rows = []
-        for spec in args.configs:
+        for spec in configs:
             k, num_prompts = (int(x) for x in spec.split("x"))
-            trl = measure("trl", folder, k, num_prompts, args.steps)
-            ours = measure("rloo", folder, k, num_prompts, args.steps)
+            trl = measure("trl", folder, k, num_prompts, args.steps, args.gpu)
+            ours = measure("rloo", folder, k, num_prompts, args.steps, args.gpu)
             row = {"k": k, "prompts_per_step": num_prompts, "steps": args.steps,
                    "trl_episodes_per_s": round(trl["median_episodes_per_s"], 2),
                    "rloo_episodes_per_s": round(ours["median_episodes_per_s"], 2),

@@ -392,7 +392,7 @@ def test_greedy_decode_loop_equals_transformers_generate(policy, share):
 
 
 def test_sample_categorical_draws_the_distribution():
-    """Inverse-CDF sampling: frequencies match the probabilities (within 5 standard errors over 200k
+    """The exponential race: frequencies match the probabilities (within 5 standard errors over 200k
     draws), zero-probability tokens are never drawn, unnormalised rows work, the seed fixes the draws."""
     probs = torch.tensor([0.0, 0.5, 0.0, 0.25, 0.125, 0.125, 0.0])
     rows = probs.expand(200_000, -1) * 3.0  # rows need not sum to 1
