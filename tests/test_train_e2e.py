@@ -85,8 +85,11 @@ def test_python_api_accepts_model_object_dataset_and_callable_rewards(tiny_model
 
 
 def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_path):
-    # lr 1e-3: Adam's first step is ~lr * sign(g), so float32 summation-order noise in g near 0 stays < 1e-6.
-    common = dict(num_eval_samples=0, max_steps=1, beta=0.05, max_grad_norm=0.0, learning_rate=1e-3)
+    # Adam's first step is lr * g / (|g| + eps): with the default eps 1e-8 an element whose gradient is ~1e-8
+    # turns float32 summation-order noise (~1e-11) into an update change of ~lr * 1e-3. eps 1e-3 keeps the
+    # update smooth in g (lr / eps = 1), so parameters within 1e-6 mean gradients within ~1e-6.
+    common = dict(num_eval_samples=0, max_steps=1, beta=0.05, max_grad_norm=0.0, learning_rate=1e-3,
+                  adam_epsilon=1e-3)
     big = train(tiny_config(tiny_model_dir, tmp_path / "a", per_device_train_batch_size=8,
                             gradient_accumulation_steps=1, **common))
     small = train(tiny_config(tiny_model_dir, tmp_path / "b", per_device_train_batch_size=2,
