@@ -27,7 +27,8 @@ FIELD_NAMES = [
     "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
     "num_train_epochs", "seed", "gradient_checkpointing",
     # run
-    "output_dir", "logging_steps", "disable_tqdm", "preset",
+    "output_dir", "logging_steps", "disable_tqdm", "save_steps", "save_total_limit", "resume_from_checkpoint",
+    "resume_ignore_mismatch", "reward_errors", "max_nonfinite_steps", "preset",
 ]
 
 

@@ -14,6 +14,7 @@ import torch
 from rloo.hub import HubUnreachableError
 from rloo.rewards import (
     BUILTIN_REWARDS,
+    RewardFunctionError,
     RewardModel,
     RewardSources,
     build_rewards,
@@ -207,13 +208,32 @@ def test_score_completions_rejects_bad_returns(returned, error, message):
     assert "\n" not in str(info.value)
 
 
-def test_score_completions_exception_gets_a_note():
-    def boom(prompts, completions, **kwargs):
-        raise KeyError("missing")
+def test_reward_function_that_raises_is_named_with_its_sample_or_isolated():
+    def picky(prompts, completions, **kwargs):
+        if any("bad" in c for c in completions):
+            raise KeyError("cannot score it")
+        return [1.0] * len(completions)
 
-    with pytest.raises(KeyError) as info:
-        score_completions(_sources(boom), ["p"], ["c"], {})
-    assert "raised by reward function 'boom'" in info.value.__notes__
+    completions = ["fine", "a bad one", "also fine", "bad again"]
+    with pytest.raises(RewardFunctionError) as info:
+        score_completions(_sources(picky), ["p"] * 4, completions, {})
+    message = str(info.value)
+    assert "'picky'" in message and "KeyError" in message and "sample 1 " in message and "a bad one" in message
+    assert "\n" not in message
+
+    errors = []
+    rewards = score_completions(_sources(picky), ["p"] * 4, completions, {}, on_error="isolate", errors=errors)
+    assert rewards[:, 0].tolist()[0::2] == [1.0, 1.0] and torch.isnan(rewards[1::2, 0]).all()
+    assert len(errors) == 2 and "sample 3 " in errors[1]
+
+    def batch_only(prompts, completions, **kwargs):
+        if len(completions) > 1:
+            raise RuntimeError("only one at a time")
+        return [0.5]
+
+    with pytest.raises(RewardFunctionError, match="none of them alone"):
+        score_completions(_sources(batch_only), ["p", "p"], ["x", "y"], {})
+    assert score_completions(_sources(batch_only), ["p", "p"], ["x", "y"], {}, on_error="isolate")[:, 0].tolist() == [0.5, 0.5]
 
 
 # ---------------------------------------------------------------- RewardModel on a tiny local model

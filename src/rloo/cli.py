@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from rloo.config import SECTIONS, load_config, preset_names, unknown_key_message
+from rloo.errors import RlooError, TrainingInterrupted
 
 logger = logging.getLogger("rloo")
 
@@ -44,10 +45,28 @@ def overrides_from(args: argparse.Namespace, skip: tuple[str, ...] = ()) -> dict
     return {k: v for k, v in vars(args).items() if k not in ("config", "command", *skip)}
 
 
+def train_config(args: argparse.Namespace):
+    """The preset or YAML with the options on top; resuming without --config starts from the
+    checkpoint's own resolved config instead."""
+    overrides = overrides_from(args)
+    resume = overrides.get("resume_from_checkpoint")
+    if resume is None or args.config is not None:
+        return load_config(args.config, overrides)
+    from rloo.checkpoint import read_config, resolve_resume_path
+    from rloo.config import RLOOConfig
+
+    if resume == "latest" and overrides.get("output_dir") is None:
+        raise ValueError("resume_from_checkpoint=latest needs --output_dir (the run folder whose newest checkpoint "
+                         "to continue)")
+    cfg = RLOOConfig()
+    cfg.update(read_config(resolve_resume_path(resume, overrides.get("output_dir") or "")))
+    return cfg.update(overrides)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rloo.trainer import train
 
-    cfg = load_config(args.config, overrides_from(args))
+    cfg = train_config(args)
     result = train(cfg)
     print(f"run folder: {result.output_dir}")
     if result.eval_before and result.eval_after:
@@ -150,7 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
     try:
         return handlers[args.command](args)
-    except (ValueError, TypeError, OSError) as err:
+    except TrainingInterrupted as err:
+        print(f"rloo {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except (ValueError, TypeError, OSError, RlooError) as err:
         if os.environ.get("RLOO_DEBUG"):
             raise
         print(f"rloo {args.command}: error: {err}", file=sys.stderr)

@@ -126,6 +126,21 @@ class RunArgs:
     output_dir: str | None = arg(None, "Run folder; default runs/<preset>-<timestamp>.")
     logging_steps: int = arg(1, "Write metrics every this many steps.")
     disable_tqdm: bool = arg(False, "Turn the progress bar off.")
+    save_steps: int = arg(500, "Write a checkpoint (output_dir/checkpoints/step-N) every this many steps; 0 = never.")
+    save_total_limit: int | None = arg(2, "Checkpoints kept (oldest removed after a new one is committed); None = all.")
+    resume_from_checkpoint: str | None = arg(
+        None, "Continue a run exactly: a checkpoint folder, or 'latest' (the newest committed one in output_dir)."
+    )
+    resume_ignore_mismatch: bool = arg(
+        False, "Resume even when k, batch sizes, model architecture or tokenizer differ from the checkpoint's."
+    )
+    reward_errors: str = arg(
+        "raise", "A reward function that raises: 'raise' (save a checkpoint, stop naming function and sample) or "
+        "'isolate' (that sample is unscorable by it; counted in the metric num_reward_errors)."
+    )
+    max_nonfinite_steps: int = arg(
+        3, "Consecutive steps with a non-finite loss or gradient (each skipped) after which the run stops."
+    )
     preset: str | None = arg(None, "Name of the preset this config started from (set by --config).")
 
 
@@ -247,6 +262,12 @@ def validate(cfg: RLOOConfig) -> None:
         (cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
         (cfg.num_eval_samples >= 0, "num_eval_samples must be >= 0"),
         (cfg.logging_steps >= 1, "logging_steps must be >= 1"),
+        (cfg.save_steps >= 0, "save_steps must be >= 0 (0 = no checkpoints)"),
+        (cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit must be >= 1 or None"),
+        (cfg.reward_errors in ("raise", "isolate"), f"reward_errors must be 'raise' or 'isolate', got {cfg.reward_errors!r}"),
+        (cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
+        (cfg.resume_from_checkpoint != "latest" or cfg.output_dir is not None,
+         "resume_from_checkpoint=latest needs output_dir (the run folder whose newest checkpoint to continue)"),
         (cfg.torch_dtype in ("auto", "float32", "bfloat16", "float16"),
          f"torch_dtype must be auto, float32, bfloat16 or float16, got {cfg.torch_dtype!r}"),
         (cfg.missing_eos_penalty is None or cfg.missing_eos_penalty >= 0, "missing_eos_penalty must be >= 0"),

@@ -8,7 +8,7 @@ import torch
 
 from rloo.data import gather_rows, render_prompt, tokenize_prompts
 from rloo.generation import build_generator
-from rloo.models import eos_token_ids
+from rloo.models import eos_token_ids, prompt_token_limit
 from rloo.rewards import RewardSources
 from rloo.rollout import sample, score
 
@@ -22,6 +22,7 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     num_samples = min(num_samples or len(dataset), len(dataset))
     generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer))
     device = next(model.parameters()).device
+    limit = prompt_token_limit(model, cfg.max_prompt_length, cfg.max_completion_length)
     rewards, scores, lengths = [], [], []
     # A fixed seed makes "before" and "after" draw the same random numbers, so their difference is paired.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -30,7 +31,7 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
             indices = list(range(start, min(start + batch_size, num_samples)))
             prompts, columns = gather_rows(dataset, indices)
             texts = [render_prompt(p, tokenizer) for p in prompts]
-            prompt_ids = tokenize_prompts(texts, tokenizer, cfg.max_prompt_length, warn=False).input_ids
+            prompt_ids = tokenize_prompts(texts, tokenizer, limit, warn=False).input_ids
             rollout = score(sample(generator, tokenizer, texts, prompt_ids, columns, 1, device), sources,
                             cfg.missing_eos_penalty)
             rewards.append(rollout.rewards_BF.cpu())

@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 
 
-def _mean(values: torch.Tensor) -> float:
+def _mean(values: torch.Tensor) -> float | None:
+    """The mean of the finite values; None (JSON null, never NaN) when there is none."""
     values = values[torch.isfinite(values)]
-    return values.mean().item() if values.numel() else math.nan
+    return values.mean().item() if values.numel() else None
 
 
 def step_metrics(step: int, rollout, sources, update: dict, seconds: float, learning_rate: float, cfg) -> dict:
-    """One JSON-able dict per optimizer step. NaN appears only where nothing was scorable."""
+    """One JSON-able dict per optimizer step, without NaN: None where nothing was scorable."""
     k = rollout.num_generations
     scores_PK = rollout.scores_B.view(-1, k)
     finite_PK = torch.isfinite(scores_PK)
@@ -37,6 +38,7 @@ def step_metrics(step: int, rollout, sources, update: dict, seconds: float, lear
         "frac_truncated": rollout.truncated_B.float().mean().item(),
         "frac_reward_zero_std": (~(spread_P > 0)).float().mean().item(),
         "num_unscorable": int((~torch.isfinite(rollout.scores_B)).sum()),
+        "num_nonfinite_rewards": int((~torch.isfinite(rollout.rewards_BF)).sum()),  # None / NaN / inf / isolated errors
         "advantage_abs_mean": update["advantages_B"].abs().mean().item(),
         "loss": update["loss"],
         "clip_ratio": update["clip_ratio"],
@@ -45,7 +47,9 @@ def step_metrics(step: int, rollout, sources, update: dict, seconds: float, lear
         "episodes_per_s": rollout.completion_ids_BT.shape[0] / max(seconds, 1e-9),
         "step_seconds": seconds,
     })
-    return metrics
+    # A skipped step's NaN loss, say: null in metrics.jsonl, never NaN.
+    return {key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in metrics.items()}
 
 
 @contextmanager
@@ -60,14 +64,23 @@ def timed(timings: dict[str, float], phase: str):
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; only the main process writes."""
+    """Appends one JSON object per line; only the main process writes. ``keep_through_step`` (resume):
+    keep the lines of steps up to it (``kept``), drop later ones, append after them."""
 
-    def __init__(self, path: Path, enabled: bool = True):
-        self.file = open(path, "w", encoding="utf-8") if enabled else None
+    def __init__(self, path: Path, enabled: bool = True, keep_through_step: int | None = None):
+        self.kept: list[dict] = []
+        if keep_through_step is not None and path.is_file():
+            lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            self.kept = [m for m in lines if m.get("step", 0) <= keep_through_step]
+        self.file = None
+        if enabled:
+            self.file = open(path, "w", encoding="utf-8")
+            for metrics in self.kept:
+                self.write(metrics)
 
     def write(self, metrics: dict) -> None:
         if self.file is not None:
-            self.file.write(json.dumps(metrics, allow_nan=True) + "\n")
+            self.file.write(json.dumps(metrics, allow_nan=False) + "\n")
             self.file.flush()
 
     def close(self) -> None:

@@ -76,6 +76,19 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+def prompt_token_limit(model, max_prompt_length: int | None, max_completion_length: int) -> int | None:
+    """Prompts keep at most this many (last) tokens: ``max_prompt_length``, lowered so that prompt +
+    ``max_completion_length`` fits the model's context (``max_position_embeddings``) when it has one."""
+    context = getattr(getattr(model, "module", model).config, "max_position_embeddings", None)
+    if not context:
+        return max_prompt_length
+    room = context - max_completion_length
+    if room < 1:
+        raise ValueError(f"max_completion_length={max_completion_length} leaves no room for a prompt in the model's "
+                         f"context of {context} tokens (max_position_embeddings)")
+    return room if max_prompt_length is None else min(max_prompt_length, room)
+
+
 def eos_token_ids(model: PreTrainedModel, tokenizer) -> list[int]:
     """Every token that ends a completion: the tokenizer's EOS and the model's generation EOS ids."""
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()

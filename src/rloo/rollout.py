@@ -97,8 +97,10 @@ def sample(generator: Generator, tokenizer, prompts: list[str], prompt_ids: list
     )
 
 
-def score(rollout: Rollout, sources: RewardSources, missing_eos_penalty: float | None) -> Rollout:
-    """Phase 2: every reward source on every completion, then the weighted score per completion."""
+def score(rollout: Rollout, sources: RewardSources, missing_eos_penalty: float | None, on_error: str = "raise",
+          errors: list[str] | None = None) -> Rollout:
+    """Phase 2: every reward source on every completion, then the weighted score per completion
+    (``on_error`` / ``errors``: what a reward function that raises does, see ``score_completions``)."""
     k = rollout.num_generations
     ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.completion_ids_BT.cpu(), rollout.completion_mask_BT.cpu())]
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(rollout.prompt_ids_PL.cpu(), rollout.prompt_mask_PL.cpu())]
@@ -107,6 +109,8 @@ def score(rollout: Rollout, sources: RewardSources, missing_eos_penalty: float |
         [p for p in rollout.prompts for _ in range(k)],
         rollout.completions,
         {name: [v for v in column for _ in range(k)] for name, column in rollout.columns.items()},
+        on_error=on_error,
+        errors=errors,
         prompt_ids=[p for p in prompt_ids for _ in range(k)],
         completion_ids=ids,
         truncated=rollout.truncated_B.tolist(),

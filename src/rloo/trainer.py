@@ -11,10 +11,15 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
+import signal
+import threading
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,13 +31,17 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rloo import objective
+from rloo.checkpoint import (COMMIT_MARKER, REFERENCE, TrainState, capture_rng, load_weights,
+                             optimizer_state, read_checkpoint, resolve_resume_path, restore_rng, rollout_fields,
+                             save_checkpoint, save_reference)
 from rloo.config import RLOOConfig, load_config, validate
 from rloo.data import PromptSampler, gather_rows, load_prompt_dataset, render_prompt, tokenize_prompts
 from rloo.evaluate import evaluate, paired_gain
 from rloo.generation import Generator, build_generator
 from rloo.metrics import MetricsWriter, step_metrics, timed
 from rloo.models import (completion_logprobs, disable_dropout, eos_token_ids, frozen_copy, load_policy,
-                         load_tokenizer, resolve_model_path)
+                         load_tokenizer, prompt_token_limit, resolve_model_path)
+from rloo.errors import CheckpointError, NonFiniteTrainingError, RewardFunctionError, TrainingInterrupted
 from rloo.rewards import RewardSources, build_rewards
 from rloo.rollout import Rollout, add_advantages, add_logprobs, sample, score
 from rloo.run_folder import save_run_folder
@@ -58,7 +67,10 @@ class Run:
     scheduler: Any
     output_dir: Path
     start_model: str
-    num_truncated_prompts: int = 0  # over the run so far
+    counters: dict = field(default_factory=lambda: dict.fromkeys(
+        ("num_truncated_prompts", "num_reward_errors", "num_nonfinite_steps", "consecutive_nonfinite_steps"), 0))
+    stop_signal: int | None = None  # set by SIGINT / SIGTERM
+    prompt_limit: int | None = None  # max_prompt_length, lowered to fit the model's context (models.prompt_token_limit)
 
 
 @dataclass
@@ -80,64 +92,199 @@ def train(
     eval_dataset: Any = None,
 ) -> TrainResult:
     """Fine-tune a causal LM with RLOO. ``model``, ``rewards`` and the datasets override the config's
-    names; ``rewards`` may hold callables ``fn(prompts, completions, **columns) -> list[float | None]``."""
+    names; ``rewards`` may hold callables ``fn(prompts, completions, **columns) -> list[float | None]``.
+
+    Checkpoints every ``save_steps`` (checkpoint.py); ``resume_from_checkpoint`` continues a run
+    bit-identically. SIGINT / SIGTERM finish the step, write a checkpoint and raise TrainingInterrupted;
+    a reward function that raises, or ``max_nonfinite_steps`` skipped steps in a row, write a checkpoint
+    of the state before the failing step and raise."""
     cfg = copy.deepcopy(config) if config is not None else load_config()
     run = setup(cfg, model, tokenizer, rewards, train_dataset, eval_dataset)
     sizes = cfg.sizes
-    eval_before = run_evaluation(run, "before")
-    writer = MetricsWriter(run.output_dir / "metrics.jsonl", enabled=run.accelerator.is_main_process)
-    history: list[dict] = []
-    progress = tqdm(total=sizes.max_steps, desc="rloo", disable=cfg.disable_tqdm or not run.accelerator.is_main_process)
-    rollout: Rollout | None = None
-    for step in range(1, sizes.max_steps + 1):
-        start, timings = time.perf_counter(), {}
-        if (step - 1) % cfg.num_iterations == 0:
-            rows = next(run.sampler)
-            with timed(timings, "generate"):  # phase 1
-                rollout = sample_rollout(run, rows)
-            with timed(timings, "score"):  # phase 2
-                score(rollout, run.sources, cfg.missing_eos_penalty)
-            if run.reference is not None:  # phase 3
-                with timed(timings, "reference"):
-                    add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_micro_batch,
-                                 "ref_logprobs_BT", cfg.share_prompt_prefix)
-            if cfg.num_iterations > 1 or cfg.normalize_advantages:
-                # The batch is reused or normalised as a whole: its sampling-policy log-probs are needed up front.
-                with timed(timings, "old_policy"):
-                    add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_micro_batch,
-                                 "old_logprobs_BT", cfg.share_prompt_prefix)
-                add_advantages(rollout, rollout.old_logprobs_BT, cfg.beta, cfg.kl_estimator)
-                if cfg.normalize_advantages:
-                    rollout.advantages_B = objective.normalize_advantages(rollout.advantages_B)
-        learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
-        with timed(timings, "update"):  # phase 4
-            update = policy_update(run, rollout)
-        seconds = time.perf_counter() - start
-        metrics = step_metrics(step, rollout, run.sources, update, seconds, learning_rate, cfg)
-        metrics.update(timings)
-        metrics["num_truncated_prompts"] = run.num_truncated_prompts
-        history.append(metrics)  # phase 5
-        if step % cfg.logging_steps == 0 or step == sizes.max_steps:
-            writer.write(metrics)
-            if progress.disable and run.accelerator.is_main_process:  # no bar: one line per logged step
-                print(f"step {step}/{sizes.max_steps} reward {metrics['reward']:.4f} kl {metrics['kl']:.4f} "
-                      f"episodes/s {metrics['episodes_per_s']:.1f}", flush=True)
-        progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}",
-                             eps=f"{metrics['episodes_per_s']:.1f}")
-        progress.update(1)
+    state = resume(run) if cfg.resume_from_checkpoint else TrainState(eval_before=run_evaluation(run, "before"))
+    writer = MetricsWriter(run.output_dir / "metrics.jsonl", enabled=run.accelerator.is_main_process,
+                           keep_through_step=state.step if cfg.resume_from_checkpoint else None)
+    history = list(writer.kept)
+    progress = tqdm(total=sizes.max_steps, initial=state.step, desc="rloo",
+                    disable=cfg.disable_tqdm or not run.accelerator.is_main_process)
+    with stop_on_signals(run):
+        for step in range(state.step + 1, sizes.max_steps + 1):
+            before = snapshot(run, state)  # where this step starts: saved if the step fails
+            try:
+                metrics = training_step(run, state, step)
+            except (RewardFunctionError, NonFiniteTrainingError) as err:
+                where = save(run, before)
+                raise type(err)(f"step {step}: {err}; the state before this step is saved in {where}") from err
+            history.append(metrics)  # phase 5
+            if step % cfg.logging_steps == 0 or step == sizes.max_steps:
+                writer.write(metrics)
+                if progress.disable and run.accelerator.is_main_process:  # no bar: one line per logged step
+                    print(f"step {step}/{sizes.max_steps} reward {_fmt(metrics['reward'])} kl {_fmt(metrics['kl'])} "
+                          f"episodes/s {metrics['episodes_per_s']:.1f}", flush=True)
+            progress.set_postfix(reward=_fmt(metrics["reward"], 3), kl=_fmt(metrics["kl"], 3),
+                                 eps=f"{metrics['episodes_per_s']:.1f}")
+            progress.update(1)
+            if (cfg.save_steps and step % cfg.save_steps == 0) or run.stop_signal is not None:
+                checkpoint = save(run, snapshot(run, state))
+                if run.stop_signal is not None:
+                    progress.close()
+                    writer.close()
+                    raise TrainingInterrupted(signal.Signals(run.stop_signal).name, step, checkpoint)
     progress.close()
     writer.close()
     eval_after = run_evaluation(run, "after")
-    summary = summarize(eval_before, eval_after)
+    summary = summarize(state.eval_before, eval_after)
     if run.accelerator.is_main_process:  # phase 6
         save_run_folder(run, summary)
-    return TrainResult(run.output_dir, eval_before, eval_after, history, cfg)
+    return TrainResult(run.output_dir, state.eval_before, eval_after, history, cfg)
+
+
+def training_step(run: Run, state: TrainState, step: int) -> dict:
+    """Phases 1-4 of one optimizer step; the generation batch is made every num_iterations steps."""
+    cfg, sizes = run.cfg, run.cfg.sizes
+    start, timings = time.perf_counter(), {}
+    if (step - 1) % cfg.num_iterations == 0:
+        rows = next(run.sampler)
+        with timed(timings, "generate"):  # phase 1
+            rollout = sample_rollout(run, rows)
+        with timed(timings, "score"):  # phase 2
+            errors: list[str] = []
+            score(rollout, run.sources, cfg.missing_eos_penalty, cfg.reward_errors, errors)
+            for line in errors:
+                logger.warning("step %d: %s", step, line)
+            run.counters["num_reward_errors"] += len(errors)
+        if run.reference is not None:  # phase 3
+            with timed(timings, "reference"):
+                add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_micro_batch,
+                             "ref_logprobs_BT", cfg.share_prompt_prefix)
+        if cfg.num_iterations > 1 or cfg.normalize_advantages:
+            # The batch is reused or normalised as a whole: its sampling-policy log-probs are needed up front.
+            with timed(timings, "old_policy"):
+                add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_micro_batch,
+                             "old_logprobs_BT", cfg.share_prompt_prefix)
+            add_advantages(rollout, rollout.old_logprobs_BT, cfg.beta, cfg.kl_estimator)
+            if cfg.normalize_advantages:
+                rollout.advantages_B = objective.normalize_advantages(rollout.advantages_B)
+        state.rollout = rollout
+    rollout = state.rollout
+    learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
+    with timed(timings, "update"):  # phase 4
+        update = policy_update(run, rollout)
+    if update["skipped"]:
+        run.counters["num_nonfinite_steps"] += 1
+        run.counters["consecutive_nonfinite_steps"] += 1
+        logger.warning("step %d: non-finite loss or gradient norm; the update was skipped", step)
+        if run.counters["consecutive_nonfinite_steps"] >= cfg.max_nonfinite_steps:
+            raise NonFiniteTrainingError(f"{cfg.max_nonfinite_steps} consecutive steps with a non-finite loss or "
+                                         "gradient (max_nonfinite_steps); the weights are those of the last good step")
+    else:
+        run.counters["consecutive_nonfinite_steps"] = 0
+    state.step = step
+    if step % cfg.num_iterations == 0:
+        state.rollout = None  # used up: the next step samples a new batch
+    metrics = step_metrics(step, rollout, run.sources, update, time.perf_counter() - start, learning_rate, cfg)
+    metrics.update(timings)
+    metrics.update({name: run.counters[name] for name in ("num_truncated_prompts", "num_reward_errors",
+                                                          "num_nonfinite_steps")})
+    return metrics
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+def snapshot(run: Run, state: TrainState) -> TrainState:
+    """The loop's state now (RNG, data position, counters, buffered batch): what a checkpoint holds."""
+    return TrainState(step=state.step, sampler=run.sampler.state_dict(), counters=dict(run.counters),
+                      rollout=state.rollout, eval_before=state.eval_before, rng=capture_rng())
+
+
+def save(run: Run, state: TrainState) -> Path | None:
+    """A committed checkpoint of ``state`` with the current weights and optimizer (main process only)."""
+    if not run.accelerator.is_main_process:
+        return None
+    if run.reference is not None:
+        save_reference(run.output_dir, run.reference)
+    path = save_checkpoint(run.output_dir, run.accelerator.unwrap_model(run.policy), run.optimizer, run.scheduler,
+                           state, run.cfg.to_dict(), fingerprint(run), run.cfg.save_total_limit)
+    logger.info("checkpoint %s", path)
+    return path
+
+
+def fingerprint(run: Run) -> dict:
+    """What a resumed run must share with its checkpoint: k, batch sizes, architecture, tokenizer."""
+    cfg, policy = run.cfg, run.accelerator.unwrap_model(run.policy)
+    architecture = {key: value for key, value in policy.config.to_dict().items()
+                    if key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads", "intermediate_size", "tie_word_embeddings")}
+    vocab = json.dumps(sorted(run.tokenizer.get_vocab().items()))
+    return {
+        "num_generations": cfg.num_generations, "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_iterations": cfg.num_iterations,
+        "num_processes": cfg.sizes.num_processes, "architecture": architecture,
+        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16],
+    }
+
+
+def resume(run: Run) -> TrainState:
+    """Load a checkpoint into the run: weights, reference, optimizer, scheduler, data position, RNG."""
+    cfg = run.cfg
+    path = resolve_resume_path(cfg.resume_from_checkpoint, run.output_dir)
+    meta, tensors = read_checkpoint(path)
+    now = fingerprint(run)
+    differences = [f"{key} {meta['fingerprint'].get(key)!r} -> {now[key]!r}" for key in now
+                   if meta["fingerprint"].get(key) != now[key]]
+    if differences and not cfg.resume_ignore_mismatch:
+        raise CheckpointError(f"cannot resume from {path}: this run differs from it in {'; '.join(differences)} "
+                              "(set resume_ignore_mismatch true to resume anyway)")
+    load_weights(run.accelerator.unwrap_model(run.policy), path)
+    if run.reference is not None:
+        reference = path.parent / REFERENCE
+        if not (reference / COMMIT_MARKER).is_file():
+            raise CheckpointError(f"cannot resume from {path}: beta > 0 but {reference} holds no committed reference")
+        load_weights(run.reference, reference)
+    run.optimizer.load_state_dict(optimizer_state(meta["optimizer"], tensors["optimizer"]))
+    run.scheduler.load_state_dict(meta["scheduler"])
+    run.sampler.load_state_dict(meta["sampler"])
+    run.counters.update(meta["counters"])
+    restore_rng((meta["rng"], tensors["rng"]))
+    rollout = None
+    if meta["rollout"] is not None:
+        rollout = Rollout(**rollout_fields(meta["rollout"], tensors["rollout"], run.accelerator.device))
+    logger.info("resumed from %s (step %d)", path, meta["step"])
+    return TrainState(step=meta["step"], rollout=rollout, eval_before=meta["eval_before"])
+
+
+@contextmanager
+def stop_on_signals(run: Run):
+    """SIGINT / SIGTERM set ``run.stop_signal``: the loop finishes the step, saves and stops. A second
+    SIGINT stops at once (KeyboardInterrupt, no checkpoint)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(signum, frame):
+        if run.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        run.stop_signal = signum
+        logger.warning("%s received: finishing this step, then writing a checkpoint (Ctrl-C again: stop now)",
+                       signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_dataset) -> Run:
     """Validate, then load data, policy, reference, rewards and the optimizer (cheap checks first)."""
     if rewards is not None:
         cfg.reward_funcs = [r if isinstance(r, str) else f"{r.__module__}:{getattr(r, '__qualname__', r)}" for r in rewards]
+    if cfg.resume_from_checkpoint not in (None, "latest") and cfg.output_dir is None:
+        cfg.output_dir = str(Path(cfg.resume_from_checkpoint).parent.parent)  # <run>/checkpoints/step-N
     validate(cfg)  # config errors before any data or model is touched
     accelerator = Accelerator()
     train_dataset, eval_dataset = load_datasets(cfg, train_dataset, eval_dataset)
@@ -163,7 +310,8 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,
-               sampler, optimizer, scheduler, output_dir, start_model)
+               sampler, optimizer, scheduler, output_dir, start_model,
+               prompt_limit=prompt_token_limit(unwrapped, cfg.max_prompt_length, cfg.max_completion_length))
 
 
 def load_rewards(cfg: RLOOConfig, rewards, tokenizer, device) -> RewardSources:
@@ -220,12 +368,12 @@ def sample_rollout(run: Run, rows: list[int]) -> Rollout:
     """Phase 1 for one batch of prompt rows: render, tokenize (left-truncate), sample k each."""
     prompts, columns = gather_rows(run.train_dataset, rows)
     texts = [render_prompt(p, run.tokenizer) for p in prompts]
-    tokenized = tokenize_prompts(texts, run.tokenizer, run.cfg.max_prompt_length, warn=False)
-    if tokenized.num_truncated and run.num_truncated_prompts == 0:
-        logger.warning("prompts longer than max_prompt_length=%d tokens are left-truncated (their end, with the "
-                       "question, is kept); the running count is the metric num_truncated_prompts",
-                       run.cfg.max_prompt_length)
-    run.num_truncated_prompts += tokenized.num_truncated
+    tokenized = tokenize_prompts(texts, run.tokenizer, run.prompt_limit, warn=False)
+    if tokenized.num_truncated and run.counters["num_truncated_prompts"] == 0:
+        logger.warning("prompts longer than %d tokens (max_prompt_length, or the model's context minus "
+                       "max_completion_length) are left-truncated: their end, with the question, is kept; the "
+                       "running count is the metric num_truncated_prompts", run.prompt_limit)
+    run.counters["num_truncated_prompts"] += tokenized.num_truncated
     prompt_ids = tokenized.input_ids
     return sample(run.generator, run.tokenizer, texts, prompt_ids, columns, run.cfg.num_generations,
                   run.accelerator.device)
@@ -235,7 +383,7 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
     """Phase 4: one optimizer step over the rollout in micro-batches of whole prompt groups.
 
     The loss divides by the step's total sequence count, so accumulating micro-batches equals one
-    big batch. When the batch is used once, the training forward doubles as the old-policy pass
+    big batch. A non-finite loss or gradient norm skips the optimizer step (``skipped``). When the batch is used once, the training forward doubles as the old-policy pass
     (old = detached current log-probs, ratio = 1), so no extra forward is spent on it.
     """
     cfg, sizes = run.cfg, run.cfg.sizes
@@ -265,7 +413,10 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         kl_B.append(mb.kl_B if mb.kl_B is not None else torch.zeros(mb_size))
         advantages_B.append(mb.advantages_B)
     grad_norm = run.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.max_grad_norm or math.inf)
-    run.optimizer.step()
+    # A non-finite loss or gradient would poison the weights and Adam's moments: skip the update (counted).
+    skipped = not (math.isfinite(totals["loss"]) and math.isfinite(float(grad_norm)))
+    if not skipped:
+        run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.generator.load_weights(run.accelerator.unwrap_model(run.policy))
@@ -275,7 +426,8 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         "loss": totals["loss"],
         "clip_ratio": totals["clip_ratio"],
         "entropy": totals["entropy"] / max(totals["num_tokens"], 1.0),
-        "grad_norm": float(grad_norm),
+        "grad_norm": float(grad_norm) if not skipped else None,
+        "skipped": skipped,
         "advantages_B": torch.cat(advantages_B).detach(),
     }
 

@@ -27,12 +27,14 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from rloo.errors import RewardFunctionError
 from rloo.rewards.builtin import grounding, no_repeated_bigrams, rouge_l, summary_length
 from rloo.rewards.model import RewardModel
 
 __all__ = [
     "BUILTIN_REWARDS",
     "RewardFn",
+    "RewardFunctionError",
     "RewardModel",
     "RewardSources",
     "build_rewards",
@@ -201,6 +203,8 @@ def score_completions(
     prompts: list[str],
     completions: list[str],
     columns: dict[str, list],
+    on_error: str = "raise",
+    errors: list[str] | None = None,
     **extra: Any,
 ) -> torch.Tensor:
     """Call every source on the batch: ``rewards_NF`` float32, N completions x F sources.
@@ -208,8 +212,11 @@ def score_completions(
     ``columns`` (dataset columns other than ``prompt``) and ``extra`` (``prompt_ids``, ``completion_ids``,
     ``truncated``) reach each function by keyword. None and non-finite values become NaN (the
     objective treats a sample with no finite reward as unscorable). Wrong return types or lengths
-    raise one line naming the function; an exception raised inside a function propagates with a
-    note naming it.
+    raise one line naming the function (TypeError / ValueError).
+
+    A function that raises is called again one sample at a time to find the samples it fails on:
+    ``on_error="raise"`` raises ``RewardFunctionError`` naming the function and the first such sample;
+    ``"isolate"`` makes those samples NaN for that function and appends one line per failure to ``errors``.
 
     >>> sources = build_rewards(["no_repeated_bigrams", lambda prompts, completions, **kw: [None, 1]])
     >>> score_completions(sources, ["p", "p"], ["a b a b", "ok"], {})
@@ -229,12 +236,36 @@ def score_completions(
     rewards_NF = torch.full((num_completions, len(sources.fns)), math.nan, dtype=torch.float32)
     for f, (name, fn) in enumerate(zip(sources.names, sources.fns)):
         try:
-            values = fn(prompts, completions, **kwargs)
-        except Exception as err:
-            err.add_note(f"raised by reward function '{name}'")
-            raise
-        rewards_NF[:, f] = torch.tensor(_as_floats(name, values, num_completions), dtype=torch.float32)
+            values = _as_floats(name, fn(prompts, completions, **kwargs), num_completions)
+        except (TypeError, ValueError) as err:
+            if str(err).startswith(f"reward function '{name}'"):  # our own check of what it returned
+                raise
+            values = _one_by_one(name, fn, prompts, completions, kwargs, on_error, errors)
+        except Exception:
+            values = _one_by_one(name, fn, prompts, completions, kwargs, on_error, errors)
+        rewards_NF[:, f] = torch.tensor(values, dtype=torch.float32)
     return rewards_NF
+
+
+def _one_by_one(name, fn, prompts, completions, kwargs, on_error, errors) -> list[float]:
+    """The function again, one sample at a time: NaN where it raises (isolate) or the first failure (raise)."""
+    values = []
+    for i in range(len(completions)):
+        one = {key: [value[i]] for key, value in kwargs.items()}
+        try:
+            values += _as_floats(name, fn([prompts[i]], [completions[i]], **one), 1)
+        except Exception as err:
+            line = (f"reward function '{name}' raised {type(err).__name__}: {err} on sample {i} of the batch "
+                    f"(completion {completions[i][:60]!r})")
+            if on_error == "raise":
+                raise RewardFunctionError(line) from err
+            if errors is not None:
+                errors.append(line)
+            values.append(math.nan)
+    if on_error == "raise":  # each sample alone passed: the batch call itself fails
+        raise RewardFunctionError(f"reward function '{name}' raised on the batch of {len(completions)} samples but on "
+                                  "none of them alone")
+    return values
 
 
 def _as_floats(name: str, values: Any, num_completions: int) -> list[float]:

@@ -1,0 +1,283 @@
+"""Checkpoints that survive any interruption, and the state an exact resume needs.
+
+Layout under ``<output_dir>/checkpoints/``::
+
+    reference/              the reference policy as training started (beta > 0), written once
+    step-000040/            one folder per save
+        model.safetensors       policy weights
+        optimizer.safetensors   optimizer tensors, "state.<param index>.<name>"
+        rng.safetensors         torch CPU (and CUDA) generator states
+        rollout.safetensors     the buffered generation batch, when the next step reuses it
+        state.json              the rest: step, data position, scheduler, optimizer groups, python and
+                                numpy RNG, counters, rollout texts, eval_before, resolved config
+        COMMITTED               written last: {"step": N, "files": {name: size}}
+
+A save writes everything into ``.tmp-step-000040``, fsyncs each file, writes COMMITTED, renames the
+folder and fsyncs the parent (torch.distributed.checkpoint's rule: metadata last). Discovery ignores
+folders without COMMITTED (a half-written save is invisible); rotation removes old checkpoints only
+after the new one is committed, COMMITTED first. Tensors are read with safetensors only: a file
+holding a pickle raises instead of executing, and nothing rloo writes is a pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from rloo.errors import CheckpointError
+
+COMMIT_MARKER = "COMMITTED"
+REFERENCE = "reference"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Everything besides model, optimizer and scheduler that step ``step + 1`` starts from."""
+
+    step: int = 0  # optimizer steps done
+    sampler: dict = field(default_factory=dict)
+    counters: dict = field(default_factory=dict)  # num_truncated_prompts, num_skipped_steps, ...
+    rollout: Any = None  # the generation batch the next step reuses (num_iterations > 1), else None
+    eval_before: dict | None = None
+    rng: tuple[dict, dict[str, torch.Tensor]] | None = None  # (json part, tensor part), see capture_rng
+
+
+# ------------------------------------------------------------------------------------------------ RNG
+def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
+    """Python, numpy, torch CPU and CUDA generator states: a JSON part and a tensor part."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    json_part = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return json_part, tensors
+
+
+def restore_rng(state: tuple[dict, dict[str, torch.Tensor]]) -> None:
+    json_part, tensors = state
+    version, internal, gauss = json_part["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = json_part["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[f"torch_cuda_{i}"] for i in range(len(tensors) - 1) if f"torch_cuda_{i}" in tensors]
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ------------------------------------------------------------------------------------------ discovery
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def committed_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Committed step folders, oldest first; folders without COMMITTED (half-written) are ignored."""
+    folder = checkpoints_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir()
+             if (m := _STEP_DIR.match(p.name)) and (p / COMMIT_MARKER).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume_path(spec: str, output_dir: str | Path) -> Path:
+    """``latest`` -> the newest committed checkpoint of ``output_dir``; else the folder given, which
+    must be committed."""
+    if spec == "latest":
+        found = committed_checkpoints(output_dir)
+        if not found:
+            raise CheckpointError(f"resume_from_checkpoint=latest: no committed checkpoint under {checkpoints_dir(output_dir)}")
+        return found[-1]
+    path = Path(spec)
+    if not (path / COMMIT_MARKER).is_file():
+        raise CheckpointError(f"resume_from_checkpoint: '{path}' is not a committed rloo checkpoint (no {COMMIT_MARKER})")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- write
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.write_text(json.dumps(value), encoding="utf-8")  # NaN allowed: an unscorable "before" reward, say
+
+
+def _commit(tmp: Path, final: Path, step: int) -> None:
+    """fsync every file, write COMMITTED last, rename into place, fsync the parent."""
+    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    for name in files:
+        _fsync(tmp / name)
+    _write_json(tmp / COMMIT_MARKER, {"step": step, "files": files})
+    _fsync(tmp / COMMIT_MARKER)
+    _fsync(tmp)
+    if final.exists():  # the same step written before (a resume from an earlier checkpoint): superseded
+        (final / COMMIT_MARKER).unlink(missing_ok=True)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(final.parent)
+
+
+def _atomic_folder(final: Path, step: int, write) -> Path:
+    """Run ``write(tmp_folder)`` and commit; on any OSError remove the partial folder and raise one line."""
+    parent = final.parent
+    tmp = parent / f".tmp-{final.name}"
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        for stale in parent.glob(".tmp-*"):  # left by a save that was killed (one writer: the main process)
+            shutil.rmtree(stale)
+        tmp.mkdir()
+        write(tmp)
+        _commit(tmp, final, step)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in committed_checkpoints(parent.parent)]
+        kept = f"the newest committed checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint"
+        raise CheckpointError(f"could not write checkpoint {final}: {err.strerror or err} ({type(err).__name__}); "
+                              f"{kept}") from err
+    return final
+
+
+def save_reference(output_dir: str | Path, reference: torch.nn.Module) -> Path:
+    """The reference policy, once per run (resume must not take it from a later policy)."""
+    final = checkpoints_dir(output_dir) / REFERENCE
+    if (final / COMMIT_MARKER).is_file():
+        return final
+    return _atomic_folder(final, 0, lambda tmp: save_model(reference, str(tmp / "model.safetensors")))
+
+
+def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                    state: TrainState, config: dict, fingerprint: dict, save_total_limit: int | None) -> Path:
+    """Write step ``state.step`` atomically, then drop the oldest beyond ``save_total_limit``."""
+    final = checkpoints_dir(output_dir) / f"step-{state.step:06d}"
+
+    def write(tmp: Path) -> None:
+        save_model(policy, str(tmp / "model.safetensors"))
+        opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        rng_json, rng_tensors = state.rng
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        rollout_json = None
+        if state.rollout is not None:
+            rollout_tensors, rollout_json = _split_rollout(state.rollout)
+            save_file(rollout_tensors, str(tmp / "rollout.safetensors"))
+        _write_json(tmp / "state.json", {
+            "step": state.step, "sampler": state.sampler, "counters": state.counters,
+            "scheduler": _jsonable(scheduler.state_dict()), "optimizer": opt_json, "rng": rng_json,
+            "rollout": rollout_json, "eval_before": state.eval_before, "config": config, "fingerprint": fingerprint,
+        })
+
+    _atomic_folder(final, state.step, write)
+    if save_total_limit:
+        for old in committed_checkpoints(output_dir)[:-save_total_limit]:
+            (old / COMMIT_MARKER).unlink()  # invisible first, then removed
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+# ----------------------------------------------------------------------------------------------- read
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint file {path} is not a readable safetensors file ({err}); rloo reads "
+                              "tensors with safetensors only and never unpickles") from None
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """-> (state.json, {"optimizer": ..., "rng": ..., "rollout": ...} tensors); weights are loaded by ``load_weights``."""
+    try:
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"checkpoint {path}: state.json unreadable ({err})") from None
+    tensors = {name: _load_tensors(path / f"{name}.safetensors") for name in ("optimizer", "rng")}
+    if meta.get("rollout") is not None:
+        tensors["rollout"] = _load_tensors(path / "rollout.safetensors")
+    return meta, tensors
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    file = folder / "model.safetensors"
+    _load_tensors(file)  # a pickle or a damaged file fails here, with the one-line message
+    missing, unexpected = load_model(model, str(file), strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {folder}: weights do not fit the model (missing {sorted(missing)[:3]}, "
+                              f"unexpected {sorted(unexpected)[:3]})")
+
+
+def optimizer_state(meta_optimizer: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """Rebuild ``optimizer.state_dict()`` from its JSON and tensor parts."""
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in meta_optimizer["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    for key, tensor in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = tensor
+    return {"state": state, "param_groups": meta_optimizer["param_groups"]}
+
+
+def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"scalars": scalars, "param_groups": _jsonable(state_dict["param_groups"])}
+
+
+def _split_rollout(rollout) -> tuple[dict[str, torch.Tensor], dict]:
+    from dataclasses import fields
+
+    tensors, rest = {}, {}
+    for f in fields(rollout):
+        value = getattr(rollout, f.name)
+        if isinstance(value, torch.Tensor):
+            tensors[f.name] = value.detach().contiguous().cpu()
+        else:
+            rest[f.name] = value
+    return tensors, _jsonable(rest)
+
+
+def rollout_fields(meta_rollout: dict, tensors: dict[str, torch.Tensor], device) -> dict:
+    return {**meta_rollout, **{name: t.to(device) for name, t in tensors.items()}}
+
+
+def _jsonable(value: Any) -> Any:
+    """Tuples -> lists, tensors/numpy scalars -> numbers, recursively (what JSON can hold)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def read_config(path: Path) -> dict:
+    """The resolved config a checkpoint was written with (flat field names)."""
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8"))["config"]
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path}: no readable config in state.json ({err})") from None

@@ -1,0 +1,32 @@
+"""The errors rloo raises on purpose: each message is one line naming what failed and what to do."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RlooError(RuntimeError):
+    """Base of rloo's own runtime errors (config and data errors are ValueError / TypeError)."""
+
+
+class CheckpointError(RlooError):
+    """A checkpoint could not be written or read."""
+
+
+class RewardFunctionError(RlooError):
+    """A reward function raised; the message names it and the first sample it fails on."""
+
+
+class NonFiniteTrainingError(RlooError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class TrainingInterrupted(RlooError):
+    """SIGINT or SIGTERM arrived: the step in progress finished and a checkpoint was written."""
+
+    exit_code = 75  # rloo train's exit status then (EX_TEMPFAIL: resume with --resume_from_checkpoint latest)
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None):
+        super().__init__(f"{signal_name} received: stopped after step {step}; checkpoint {checkpoint}; continue with "
+                         "--resume_from_checkpoint latest")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
