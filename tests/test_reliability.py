@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from rloo import checkpoint, train
@@ -136,29 +137,41 @@ def test_rotation_keeps_the_newest_and_discovery_ignores_uncommitted(tiny_model_
     assert marker["step"] == 5 and "model.safetensors" in marker["files"]
 
 
-@pytest.mark.parametrize("failure", ["disk full", "read-only"])
+# What the writers raise: safetensors reports a full disk as SafetensorError (seen with RLIMIT_FSIZE on
+# Linux), a read-only folder fails in open() with OSError.
+FAILURES = {
+    "disk full": lambda name: SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                              'message: "No space left on device" })'),
+    "read-only": lambda name: OSError(errno.EROFS, os.strerror(errno.EROFS), name),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
 def test_a_failed_save_leaves_no_checkpoint_and_the_previous_intact(tiny_model_dir, tmp_path, monkeypatch, failure):
     run = tmp_path / "run"
-    train(cfg_for(tiny_model_dir, run, max_steps=2, save_steps=2))
+    train(cfg_for(tiny_model_dir, run, max_steps=2, save_steps=2, lr_scheduler_type="constant"))
     before = {p.name: sorted(q.name for q in p.iterdir()) for p in committed_checkpoints(run)}
-    code = errno.ENOSPC if failure == "disk full" else errno.EROFS
     real_save_file = checkpoint.save_file
 
     def failing_save_file(tensors, filename, *args, **kwargs):
         if filename.endswith("rng.safetensors"):  # after the weights and the optimizer were written
-            raise OSError(code, os.strerror(code), filename)
+            raise FAILURES[failure](filename)
         return real_save_file(tensors, filename, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "save_file", failing_save_file)
     with pytest.raises(CheckpointError) as info:
-        train(cfg_for(tiny_model_dir, run, resume_from_checkpoint="latest", max_steps=4, save_steps=2))
+        train(cfg_for(tiny_model_dir, run, resume_from_checkpoint="latest", max_steps=4, save_steps=2,
+                      lr_scheduler_type="constant"))
     message = str(info.value)
-    assert "step-000004" in message and os.strerror(code) in message and "step-000002" in message and "intact" in message
+    reason = "No space left on device" if failure == "disk full" else os.strerror(errno.EROFS)
+    assert "step-000004" in message and reason in message and "step-000002" in message and "intact" in message
     assert "\n" not in message
     assert {p.name: sorted(q.name for q in p.iterdir()) for p in committed_checkpoints(run)} == before
     assert not list((run / "checkpoints").glob(".tmp-*"))
     monkeypatch.undo()
-    train(cfg_for(tiny_model_dir, run, resume_from_checkpoint="latest", max_steps=4, save_steps=2))
+    train(cfg_for(tiny_model_dir, run, resume_from_checkpoint="latest", max_steps=4, save_steps=2,
+                  lr_scheduler_type="constant"))
+    assert committed_checkpoints(run)[-1].name == "step-000004"
 
 
 # ------------------------------------------------------------------------------------- clean stops
@@ -176,6 +189,41 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(tiny_model_dir, tmp_
     full = train(cfg_for(tiny_model_dir, tmp_path / "full", **settings), rewards=[StopAt(None)]).output_dir
     assert_same_tensors(load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors"))
     assert metrics_of(full) == metrics_of(resumed)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny_model_dir, tmp_path):
+    def twice(prompts, completions, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return [1.0] * len(completions)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_for(tiny_model_dir, tmp_path / "run", save_steps=0, reward_weights=None), rewards=[twice])
+    assert committed_checkpoints(tmp_path / "run") == []
+
+
+def test_a_fresh_run_does_not_mix_with_an_earlier_runs_checkpoints(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, run, max_steps=2))
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run: continue it with --resume_from_checkpoint"):
+        train(cfg_for(tiny_model_dir, run, max_steps=2))
+
+
+def test_resuming_from_an_older_checkpoint_drops_the_newer_ones(tiny_model_dir, tmp_path):
+    full = train(cfg_for(tiny_model_dir, tmp_path / "full", save_steps=1, save_total_limit=None)).output_dir
+    older = tmp_path / "branch"
+    train(cfg_for(tiny_model_dir, older, save_steps=1, save_total_limit=None))
+    # Another temperature from step 3 on: the branch's new steps 3 and 4 differ from the old ones.
+    resumed = train(cfg_for(tiny_model_dir, None, save_steps=1, save_total_limit=2, temperature=0.5,
+                            resume_from_checkpoint=str(older / "checkpoints" / "step-000002"))).output_dir
+    assert resumed == older
+    assert [p.name for p in committed_checkpoints(older)] == ["step-000003", "step-000004"]
+    final = load_file(older / "model.safetensors")  # save_pretrained names the output layer embed_out
+    step_4 = load_file(older / "checkpoints" / "step-000004" / "model.safetensors")  # the module: lm_head
+    assert torch.equal(step_4.pop("lm_head.weight"), final.pop("embed_out.weight"))
+    assert_same_tensors(step_4, final)
+    assert not torch.equal(final["gpt_neox.final_layer_norm.weight"],
+                           load_file(full / "model.safetensors")["gpt_neox.final_layer_norm.weight"])
 
 
 def test_cli_exit_code_after_sigterm(tiny_model_dir, tmp_path):
@@ -279,6 +327,16 @@ def test_a_raising_reward_function_stops_with_its_name_and_a_checkpoint(tiny_mod
     assert "step-000002" in message and "\n" not in message
     assert committed_checkpoints(run)[-1].name == "step-000002"  # the state before the failing step
 
+    def steady(prompts, completions, **kwargs):  # what flaky returned before it broke
+        return [1.0] * len(completions)
+
+    steady.__name__ = "flaky"
+    resumed = train(cfg_for(tiny_model_dir, run, save_steps=0, reward_weights=None, resume_from_checkpoint="latest"),
+                    rewards=[steady]).output_dir
+    full = train(cfg_for(tiny_model_dir, tmp_path / "full", save_steps=0, reward_weights=None), rewards=[steady])
+    assert_same_tensors(load_file(full.output_dir / "model.safetensors"), load_file(resumed / "model.safetensors"))
+    assert metrics_of(full.output_dir) == metrics_of(resumed)
+
 
 def test_isolated_reward_errors_and_non_finite_rewards_are_counted_never_a_non_finite_loss(tiny_model_dir, tmp_path):
     def awkward(prompts, completions, **kwargs):
@@ -340,17 +398,18 @@ def test_non_finite_loss_skips_the_step_then_stops_with_the_last_good_weights(ti
     monkeypatch.setattr(objective, "policy_loss", nan_from_step_3)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteTrainingError) as info:
-        train(cfg_for(tiny_model_dir, run, save_steps=0, max_steps=8, max_nonfinite_steps=2,
-                      lr_scheduler_type="constant"))
+        train(cfg_for(tiny_model_dir, run, save_steps=0, max_steps=8, max_nonfinite_steps=2))
     assert str(info.value).startswith("step 4: 2 consecutive steps") and "step-000003" in str(info.value)
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["num_nonfinite_steps"] for m in lines] == [0, 0, 1] and lines[2]["loss"] is None
     monkeypatch.undo()
     # the skipped step 3 left the weights of step 2: a clean run of 2 steps has the same ones
-    clean = train(cfg_for(tiny_model_dir, tmp_path / "clean", save_steps=2, max_steps=2,
-                          lr_scheduler_type="constant")).output_dir
-    saved = load_file(committed_checkpoints(run)[-1] / "model.safetensors")
-    assert_same_tensors(saved, load_file(committed_checkpoints(clean)[-1] / "model.safetensors"))
+    clean = train(cfg_for(tiny_model_dir, tmp_path / "clean", save_steps=2, max_steps=8, save_total_limit=None)).output_dir
+    saved = committed_checkpoints(run)[-1]
+    assert_same_tensors(load_file(saved / "model.safetensors"),
+                        load_file(clean / "checkpoints" / "step-000002" / "model.safetensors"))
+    # the schedule stands where step 4 starts (3 steps taken, the skipped one included), not one step further
+    assert json.loads((saved / "state.json").read_text())["scheduler"]["last_epoch"] == 3
 
 
 # --------------------------------------------------------------------------------------- bad inputs
@@ -408,10 +467,17 @@ def test_a_pickle_in_a_checkpoint_raises_and_never_runs(tiny_model_dir, tmp_path
     monkeypatch.setenv("RLOO_PAYLOAD_DIR", str(target))
     latest = committed_checkpoints(run)[-1]
     (latest / "model.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CheckpointError, match="model.safetensors has .* bytes.*damaged"):
+        train(cfg_for(tiny_model_dir, run, resume_from_checkpoint="latest"))
+    marker = json.loads((latest / COMMIT_MARKER).read_text())  # a forger would fix the sizes too
+    marker["files"]["model.safetensors"] = (latest / "model.safetensors").stat().st_size
+    (latest / COMMIT_MARKER).write_text(json.dumps(marker))
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         train(cfg_for(tiny_model_dir, run, resume_from_checkpoint="latest"))
     torch.save({"x": Payload()}, latest / "optimizer.safetensors")
-    with pytest.raises(CheckpointError):
+    marker["files"]["optimizer.safetensors"] = (latest / "optimizer.safetensors").stat().st_size
+    (latest / COMMIT_MARKER).write_text(json.dumps(marker))
+    with pytest.raises(CheckpointError, match="optimizer.safetensors is not a readable safetensors file"):
         checkpoint.read_checkpoint(latest)
     assert not target.exists()
 

@@ -52,6 +52,7 @@ class TrainState:
     rollout: Any = None  # the generation batch the next step reuses (num_iterations > 1), else None
     eval_before: dict | None = None
     rng: tuple[dict, dict[str, torch.Tensor]] | None = None  # (json part, tensor part), see capture_rng
+    scheduler: dict | None = None  # the learning-rate schedule's state at ``step`` (None: take the live one)
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -128,8 +129,7 @@ def _commit(tmp: Path, final: Path, step: int) -> None:
     _write_json(tmp / COMMIT_MARKER, {"step": step, "files": files})
     _fsync(tmp / COMMIT_MARKER)
     _fsync(tmp)
-    if final.exists():  # the same step written before (a resume from an earlier checkpoint): superseded
-        (final / COMMIT_MARKER).unlink(missing_ok=True)
+    if final.exists():  # uncommitted leftovers of this step (a committed one is never rewritten)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync(final.parent)
@@ -139,19 +139,23 @@ def _atomic_folder(final: Path, step: int, write) -> Path:
     """Run ``write(tmp_folder)`` and commit; on any OSError remove the partial folder and raise one line."""
     parent = final.parent
     tmp = parent / f".tmp-{final.name}"
+    if (final / COMMIT_MARKER).is_file():  # this step's state is already committed (a failure right after a save)
+        return final
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        if not parent.is_dir():
+            parent.mkdir(parents=True)
+            _fsync(parent.parent)
         for stale in parent.glob(".tmp-*"):  # left by a save that was killed (one writer: the main process)
             shutil.rmtree(stale)
         tmp.mkdir()
         write(tmp)
         _commit(tmp, final, step)
-    except OSError as err:
+    except (OSError, SafetensorError, TypeError, ValueError) as err:  # safetensors reports a full disk as SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
         previous = [p.name for p in committed_checkpoints(parent.parent)]
         kept = f"the newest committed checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint"
-        raise CheckpointError(f"could not write checkpoint {final}: {err.strerror or err} ({type(err).__name__}); "
-                              f"{kept}") from err
+        reason = " ".join(str(getattr(err, "strerror", None) or err).split())
+        raise CheckpointError(f"could not write checkpoint {final}: {reason} ({type(err).__name__}); {kept}") from err
     return final
 
 
@@ -180,16 +184,21 @@ def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module, optimizer: 
             save_file(rollout_tensors, str(tmp / "rollout.safetensors"))
         _write_json(tmp / "state.json", {
             "step": state.step, "sampler": state.sampler, "counters": state.counters,
-            "scheduler": _jsonable(scheduler.state_dict()), "optimizer": opt_json, "rng": rng_json,
+            "scheduler": _jsonable(state.scheduler or scheduler.state_dict()), "optimizer": opt_json, "rng": rng_json,
             "rollout": rollout_json, "eval_before": state.eval_before, "config": config, "fingerprint": fingerprint,
         })
 
     _atomic_folder(final, state.step, write)
     if save_total_limit:
         for old in committed_checkpoints(output_dir)[:-save_total_limit]:
-            (old / COMMIT_MARKER).unlink()  # invisible first, then removed
-            shutil.rmtree(old, ignore_errors=True)
+            if old != final:
+                remove_checkpoint(old)
     return final
+
+
+def remove_checkpoint(folder: Path) -> None:
+    (folder / COMMIT_MARKER).unlink()  # invisible first, then removed
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- read
@@ -204,9 +213,14 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """-> (state.json, {"optimizer": ..., "rng": ..., "rollout": ...} tensors); weights are loaded by ``load_weights``."""
     try:
+        files = json.loads((path / COMMIT_MARKER).read_text(encoding="utf-8"))["files"]
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path}: state.json unreadable ({err})") from None
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path}: {COMMIT_MARKER} or state.json unreadable ({err})") from None
+    for name, size in files.items():
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            raise CheckpointError(f"checkpoint {path}: {name} has {actual} bytes, {size} when committed (damaged)")
     tensors = {name: _load_tensors(path / f"{name}.safetensors") for name in ("optimizer", "rng")}
     if meta.get("rollout") is not None:
         tensors["rollout"] = _load_tensors(path / "rollout.safetensors")

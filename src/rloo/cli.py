@@ -58,8 +58,12 @@ def train_config(args: argparse.Namespace):
     if resume == "latest" and overrides.get("output_dir") is None:
         raise ValueError("resume_from_checkpoint=latest needs --output_dir (the run folder whose newest checkpoint "
                          "to continue)")
+    path = resolve_resume_path(resume, overrides.get("output_dir") or "")
+    saved = {key: value for key, value in read_config(path).items()
+             if key not in ("output_dir", "resume_from_checkpoint", "resume_ignore_mismatch")}
     cfg = RLOOConfig()
-    cfg.update(read_config(resolve_resume_path(resume, overrides.get("output_dir") or "")))
+    cfg.update(saved)
+    cfg.output_dir = str(path.parent.parent)  # the run folder the checkpoint is in (<run>/checkpoints/step-N)
     return cfg.update(overrides)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,13 +71,19 @@ class MetricsWriter:
     def __init__(self, path: Path, enabled: bool = True, keep_through_step: int | None = None):
         self.kept: list[dict] = []
         if keep_through_step is not None and path.is_file():
-            lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            self.kept = [m for m in lines if m.get("step", 0) <= keep_through_step]
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    metrics = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill
+                    continue
+                if metrics.get("step", 0) <= keep_through_step:
+                    self.kept.append(metrics)
         self.file = None
         if enabled:
-            self.file = open(path, "w", encoding="utf-8")
-            for metrics in self.kept:
-                self.write(metrics)
+            tmp = path.with_name(path.name + ".tmp")  # the kept lines first, then swapped in whole
+            tmp.write_text("".join(json.dumps(m, allow_nan=False) + "\n" for m in self.kept), encoding="utf-8")
+            os.replace(tmp, path)
+            self.file = open(path, "a", encoding="utf-8")
 
     def write(self, metrics: dict) -> None:
         if self.file is not None:

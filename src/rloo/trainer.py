@@ -31,9 +31,9 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from rloo import objective
-from rloo.checkpoint import (COMMIT_MARKER, REFERENCE, TrainState, capture_rng, load_weights,
-                             optimizer_state, read_checkpoint, resolve_resume_path, restore_rng, rollout_fields,
-                             save_checkpoint, save_reference)
+from rloo.checkpoint import (COMMIT_MARKER, REFERENCE, TrainState, capture_rng, checkpoints_dir,
+                             committed_checkpoints, load_weights, optimizer_state, read_checkpoint, remove_checkpoint,
+                             resolve_resume_path, restore_rng, rollout_fields, save_checkpoint, save_reference)
 from rloo.config import RLOOConfig, load_config, validate
 from rloo.data import PromptSampler, gather_rows, load_prompt_dataset, render_prompt, tokenize_prompts
 from rloo.evaluate import evaluate, paired_gain
@@ -100,14 +100,23 @@ def train(
     of the state before the failing step and raise."""
     cfg = copy.deepcopy(config) if config is not None else load_config()
     run = setup(cfg, model, tokenizer, rewards, train_dataset, eval_dataset)
-    sizes = cfg.sizes
-    state = resume(run) if cfg.resume_from_checkpoint else TrainState(eval_before=run_evaluation(run, "before"))
+    with stop_on_signals(run):
+        return _train(run)
+
+
+def _train(run: Run) -> TrainResult:
+    cfg, sizes = run.cfg, run.cfg.sizes
+    if cfg.resume_from_checkpoint:
+        state = resume(run)
+    else:
+        state = TrainState(eval_before=run_evaluation(run, "before"))
+        stop_if_asked(run, state)
     writer = MetricsWriter(run.output_dir / "metrics.jsonl", enabled=run.accelerator.is_main_process,
                            keep_through_step=state.step if cfg.resume_from_checkpoint else None)
     history = list(writer.kept)
     progress = tqdm(total=sizes.max_steps, initial=state.step, desc="rloo",
                     disable=cfg.disable_tqdm or not run.accelerator.is_main_process)
-    with stop_on_signals(run):
+    try:
         for step in range(state.step + 1, sizes.max_steps + 1):
             before = snapshot(run, state)  # where this step starts: saved if the step fails
             try:
@@ -124,19 +133,25 @@ def train(
             progress.set_postfix(reward=_fmt(metrics["reward"], 3), kl=_fmt(metrics["kl"], 3),
                                  eps=f"{metrics['episodes_per_s']:.1f}")
             progress.update(1)
-            if (cfg.save_steps and step % cfg.save_steps == 0) or run.stop_signal is not None:
-                checkpoint = save(run, snapshot(run, state))
-                if run.stop_signal is not None:
-                    progress.close()
-                    writer.close()
-                    raise TrainingInterrupted(signal.Signals(run.stop_signal).name, step, checkpoint)
-    progress.close()
-    writer.close()
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                save(run, snapshot(run, state))
+            stop_if_asked(run, state)
+    finally:
+        progress.close()
+        writer.close()
     eval_after = run_evaluation(run, "after")
+    stop_if_asked(run, state)  # a signal during the last evaluation: resuming redoes only the evaluation
     summary = summarize(state.eval_before, eval_after)
     if run.accelerator.is_main_process:  # phase 6
         save_run_folder(run, summary)
     return TrainResult(run.output_dir, state.eval_before, eval_after, history, cfg)
+
+
+def stop_if_asked(run: Run, state: TrainState) -> None:
+    """After SIGINT / SIGTERM: a checkpoint of the state now, then TrainingInterrupted."""
+    if run.stop_signal is not None:
+        checkpoint = save(run, snapshot(run, state))
+        raise TrainingInterrupted(signal.Signals(run.stop_signal).name, state.step, checkpoint)
 
 
 def training_step(run: Run, state: TrainState, step: int) -> dict:
@@ -197,7 +212,8 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 def snapshot(run: Run, state: TrainState) -> TrainState:
     """The loop's state now (RNG, data position, counters, buffered batch): what a checkpoint holds."""
     return TrainState(step=state.step, sampler=run.sampler.state_dict(), counters=dict(run.counters),
-                      rollout=state.rollout, eval_before=state.eval_before, rng=capture_rng())
+                      rollout=state.rollout, eval_before=state.eval_before, rng=capture_rng(),
+                      scheduler=copy.deepcopy(run.scheduler.state_dict()))
 
 
 def save(run: Run, state: TrainState) -> Path | None:
@@ -233,11 +249,16 @@ def resume(run: Run) -> TrainState:
     path = resolve_resume_path(cfg.resume_from_checkpoint, run.output_dir)
     meta, tensors = read_checkpoint(path)
     now = fingerprint(run)
-    differences = [f"{key} {meta['fingerprint'].get(key)!r} -> {now[key]!r}" for key in now
-                   if meta["fingerprint"].get(key) != now[key]]
+    saved = meta.get("fingerprint", {})
+    differences = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now if saved.get(key) != now[key]]
     if differences and not cfg.resume_ignore_mismatch:
         raise CheckpointError(f"cannot resume from {path}: this run differs from it in {'; '.join(differences)} "
                               "(set resume_ignore_mismatch true to resume anyway)")
+    kept = [f"{key} {meta['config'].get(key)!r}" for key in ("learning_rate", "lr_scheduler_type", "warmup_ratio",
+            "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon") if meta["config"].get(key) != getattr(cfg, key)]
+    if kept:
+        logger.warning("resuming keeps the checkpoint's optimizer and schedule: %s (the values given now are not used)",
+                       ", ".join(kept))
     load_weights(run.accelerator.unwrap_model(run.policy), path)
     if run.reference is not None:
         reference = path.parent / REFERENCE
@@ -252,6 +273,11 @@ def resume(run: Run) -> TrainState:
     rollout = None
     if meta["rollout"] is not None:
         rollout = Rollout(**rollout_fields(meta["rollout"], tensors["rollout"], run.accelerator.device))
+    if path.parent == checkpoints_dir(run.output_dir):  # checkpoints past this one belong to the abandoned branch
+        for newer in committed_checkpoints(run.output_dir):
+            if int(newer.name.split("-")[1]) > meta["step"]:
+                logger.warning("removing %s: the run continues from the earlier %s", newer, path.name)
+                remove_checkpoint(newer)
     logger.info("resumed from %s (step %d)", path, meta["step"])
     return TrainState(step=meta["step"], rollout=rollout, eval_before=meta["eval_before"])
 
@@ -307,6 +333,9 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
                             accelerator.process_index, accelerator.num_processes, cfg.shuffle_dataset)
     output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg.output_dir = str(output_dir)
+    if not cfg.resume_from_checkpoint and committed_checkpoints(output_dir):
+        raise ValueError(f"output_dir '{output_dir}' holds checkpoints of an earlier run: continue it with "
+                         "--resume_from_checkpoint latest, or choose another output_dir")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,

@@ -255,7 +255,8 @@ def _one_by_one(name, fn, prompts, completions, kwargs, on_error, errors) -> lis
         try:
             values += _as_floats(name, fn([prompts[i]], [completions[i]], **one), 1)
         except Exception as err:
-            line = (f"reward function '{name}' raised {type(err).__name__}: {err} on sample {i} of the batch "
+            what = " ".join(str(err).split())  # one line, whatever the function's message
+            line = (f"reward function '{name}' raised {type(err).__name__}: {what} on sample {i} of the batch "
                     f"(completion {completions[i][:60]!r})")
             if on_error == "raise":
                 raise RewardFunctionError(line) from err
