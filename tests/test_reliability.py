@@ -92,7 +92,7 @@ def test_resume_is_bit_identical(tiny_model_dir, tmp_path, num_iterations, stop_
     latest = committed_checkpoints(part)[-1]
     assert latest.name == f"step-{stop_at:06d}"
     state = json.loads((latest / "state.json").read_text())
-    assert (state["rollout"] is not None) == (stop_at % num_iterations != 0)
+    assert (state["ranks"][0]["rollout"] is not None) == (stop_at % num_iterations != 0)
     resumed = train(cfg_for(tiny_model_dir, part, resume_from_checkpoint="latest", **settings),
                     rewards=["grounding", StopAt(None)]).output_dir
     assert_same_run(full, resumed)
@@ -485,7 +485,7 @@ def test_a_pickle_in_a_checkpoint_raises_and_never_runs(tiny_model_dir, tmp_path
 def test_nothing_rloo_writes_is_a_pickle(tiny_model_dir, tmp_path):
     run = train(cfg_for(tiny_model_dir, tmp_path / "run", max_steps=2, num_iterations=2, save_steps=1)).output_dir
     files = [p for p in run.rglob("*") if p.is_file()]
-    assert any(p.name == "rollout.safetensors" for p in files)
+    assert any(p.name == "rollout-rank0.safetensors" for p in files)
     for path in files:  # every file is safetensors or UTF-8 text: no pickle, no torch.save zip
         if path.suffix == ".safetensors":
             load_file(path)

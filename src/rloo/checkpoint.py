@@ -6,10 +6,11 @@ Layout under ``<output_dir>/checkpoints/``::
     step-000040/            one folder per save
         model.safetensors       policy weights
         optimizer.safetensors   optimizer tensors, "state.<param index>.<name>"
-        rng.safetensors         torch CPU (and CUDA) generator states
-        rollout.safetensors     the buffered generation batch, when the next step reuses it
-        state.json              the rest: step, data position, scheduler, optimizer groups, python and
-                                numpy RNG, counters, rollout texts, eval_before, resolved config
+        rng.safetensors         torch CPU (and CUDA) generator states, per process ("rank<r>.")
+        rollout-rank<r>.safetensors  process r's buffered generation batch, when the next step reuses it
+        state.json              the rest: step, data position, scheduler, optimizer groups, and per
+                                process python and numpy RNG, counters, rollout texts; eval_before,
+                                the resolved config
         COMMITTED               written last: {"step": N, "files": {name: size}}
 
 A save writes everything into ``.tmp-step-000040``, fsyncs each file, writes COMMITTED, renames the
@@ -168,27 +169,36 @@ def save_reference(output_dir: str | Path, reference: torch.nn.Module) -> Path:
 
 
 def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    state: TrainState, config: dict, fingerprint: dict, save_total_limit: int | None) -> Path:
-    """Write step ``state.step`` atomically, then drop the oldest beyond ``save_total_limit``."""
-    final = checkpoints_dir(output_dir) / f"step-{state.step:06d}"
+                    states: list[TrainState], config: dict, fingerprint: dict, save_total_limit: int | None) -> Path:
+    """Write step ``states[0].step`` atomically, then drop the oldest beyond ``save_total_limit``.
+
+    ``states``: one per process (rank order); they share step, data position, schedule and evaluation,
+    and each keeps its own RNG, counters and buffered generation batch ("ranks" in state.json, tensors
+    under "rank<r>." in rng.safetensors and in rollout-rank<r>.safetensors)."""
+    first = states[0]
+    final = checkpoints_dir(output_dir) / f"step-{first.step:06d}"
 
     def write(tmp: Path) -> None:
         save_model(policy, str(tmp / "model.safetensors"))
         opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-        rng_json, rng_tensors = state.rng
+        ranks, rng_tensors = [], {}
+        for rank, state in enumerate(states):
+            rng_json, tensors = state.rng
+            rng_tensors.update({f"rank{rank}.{name}": t.contiguous().cpu() for name, t in tensors.items()})
+            rollout_json = None
+            if state.rollout is not None:
+                rollout_tensors, rollout_json = _split_rollout(state.rollout)
+                save_file(rollout_tensors, str(tmp / f"rollout-rank{rank}.safetensors"))
+            ranks.append({"rng": rng_json, "counters": state.counters, "rollout": rollout_json})
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        rollout_json = None
-        if state.rollout is not None:
-            rollout_tensors, rollout_json = _split_rollout(state.rollout)
-            save_file(rollout_tensors, str(tmp / "rollout.safetensors"))
         _write_json(tmp / "state.json", {
-            "step": state.step, "sampler": state.sampler, "counters": state.counters,
-            "scheduler": _jsonable(state.scheduler or scheduler.state_dict()), "optimizer": opt_json, "rng": rng_json,
-            "rollout": rollout_json, "eval_before": state.eval_before, "config": config, "fingerprint": fingerprint,
+            "step": first.step, "sampler": first.sampler, "num_processes": len(states),
+            "scheduler": _jsonable(first.scheduler or scheduler.state_dict()), "optimizer": opt_json,
+            "eval_before": first.eval_before, "config": config, "fingerprint": fingerprint, "ranks": ranks,
         })
 
-    _atomic_folder(final, state.step, write)
+    _atomic_folder(final, first.step, write)
     if save_total_limit:
         for old in committed_checkpoints(output_dir)[:-save_total_limit]:
             if old != final:
@@ -211,7 +221,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """-> (state.json, {"optimizer": ..., "rng": ..., "rollout": ...} tensors); weights are loaded by ``load_weights``."""
+    """-> (state.json, {"optimizer", "rng", "rollout-rank<r>"...: tensors}); weights are loaded by ``load_weights``."""
     try:
         files = json.loads((path / COMMIT_MARKER).read_text(encoding="utf-8"))["files"]
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
@@ -222,9 +232,19 @@ def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]
         if actual != size:
             raise CheckpointError(f"checkpoint {path}: {name} has {actual} bytes, {size} when committed (damaged)")
     tensors = {name: _load_tensors(path / f"{name}.safetensors") for name in ("optimizer", "rng")}
-    if meta.get("rollout") is not None:
-        tensors["rollout"] = _load_tensors(path / "rollout.safetensors")
+    for rank, part in enumerate(meta["ranks"]):
+        if part["rollout"] is not None:
+            tensors[f"rollout-rank{rank}"] = _load_tensors(path / f"rollout-rank{rank}.safetensors")
     return meta, tensors
+
+
+def rank_state(meta: dict, tensors: dict, rank: int) -> tuple[dict, tuple[dict, dict[str, torch.Tensor]], Any]:
+    """This process's (counters, RNG state, buffered batch parts or None) from a checkpoint."""
+    part = meta["ranks"][rank]
+    prefix = f"rank{rank}."
+    rng = (part["rng"], {name[len(prefix):]: t for name, t in tensors["rng"].items() if name.startswith(prefix)})
+    rollout = (part["rollout"], tensors[f"rollout-rank{rank}"]) if part["rollout"] is not None else None
+    return part["counters"], rng, rollout
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:

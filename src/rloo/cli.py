@@ -72,6 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = train_config(args)
     result = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # one report per run, from the main process
+        return 0
     print(f"run folder: {result.output_dir}")
     if result.eval_before and result.eval_after:
         before, after = result.eval_before, result.eval_after

@@ -7,7 +7,7 @@ import math
 import torch
 
 from rloo.data import gather_rows, render_prompt, tokenize_prompts
-from rloo.generation import build_generator
+from rloo.generation import build_generator, prompt_seeds
 from rloo.models import eos_token_ids, prompt_token_limit
 from rloo.rewards import RewardSources
 from rloo.rollout import sample, score
@@ -32,8 +32,8 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
             prompts, columns = gather_rows(dataset, indices)
             texts = [render_prompt(p, tokenizer) for p in prompts]
             prompt_ids = tokenize_prompts(texts, tokenizer, limit, warn=False).input_ids
-            rollout = score(sample(generator, tokenizer, texts, prompt_ids, columns, 1, device), sources,
-                            cfg.missing_eos_penalty)
+            rollout = score(sample(generator, tokenizer, texts, prompt_ids, columns, 1, device,
+                                   prompt_seeds(seed, 0, indices)), sources, cfg.missing_eos_penalty)
             rewards.append(rollout.rewards_BF.cpu())
             scores.append(rollout.scores_B.cpu())
             lengths.append(rollout.completion_mask_BT.sum(1).float().cpu())

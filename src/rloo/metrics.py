@@ -18,34 +18,39 @@ def _mean(values: torch.Tensor) -> float | None:
     return values.mean().item() if values.numel() else None
 
 
-def step_metrics(step: int, rollout, sources, update: dict, seconds: float, learning_rate: float, cfg) -> dict:
-    """One JSON-able dict per optimizer step, without NaN: None where nothing was scorable."""
-    k = rollout.num_generations
-    scores_PK = rollout.scores_B.view(-1, k)
+def step_metrics(step: int, samples: dict[str, torch.Tensor], k: int, sources, update: dict, seconds: float,
+                 learning_rate: float) -> dict:
+    """One JSON-able dict per optimizer step, without NaN: None where nothing was scorable.
+
+    ``samples`` holds per-completion tensors of the whole step (every process): scores_B, rewards_BF,
+    kl_B, lengths_B, truncated_B, advantages_B; ``update`` the step's loss, clip_ratio, entropy, grad_norm.
+    """
+    scores_B = samples["scores_B"]
+    scores_PK = scores_B.view(-1, k)
     finite_PK = torch.isfinite(scores_PK)
     spread_P = torch.where(finite_PK, scores_PK, -math.inf).amax(1) - torch.where(finite_PK, scores_PK, math.inf).amin(1)
-    scorable = rollout.scores_B[torch.isfinite(rollout.scores_B)]
+    scorable = scores_B[torch.isfinite(scores_B)]
     metrics = {
         "step": step,
-        "reward": _mean(rollout.scores_B),
+        "reward": _mean(scores_B),
         "reward_std": scorable.std().item() if scorable.numel() > 1 else 0.0,
     }
     for f, name in enumerate(sources.names):
-        metrics[f"rewards/{name}"] = _mean(rollout.rewards_BF[:, f])
+        metrics[f"rewards/{name}"] = _mean(samples["rewards_BF"][:, f])
     metrics.update({
-        "kl": _mean(rollout.kl_B) if rollout.kl_B is not None else 0.0,
+        "kl": _mean(samples["kl_B"]),
         "entropy": update["entropy"],
-        "completion_length": rollout.completion_mask_BT.sum(1).float().mean().item(),
-        "frac_truncated": rollout.truncated_B.float().mean().item(),
+        "completion_length": samples["lengths_B"].float().mean().item(),
+        "frac_truncated": samples["truncated_B"].float().mean().item(),
         "frac_reward_zero_std": (~(spread_P > 0)).float().mean().item(),
-        "num_unscorable": int((~torch.isfinite(rollout.scores_B)).sum()),
-        "num_nonfinite_rewards": int((~torch.isfinite(rollout.rewards_BF)).sum()),  # None / NaN / inf / isolated errors
-        "advantage_abs_mean": update["advantages_B"].abs().mean().item(),
+        "num_unscorable": int((~torch.isfinite(scores_B)).sum()),
+        "num_nonfinite_rewards": int((~torch.isfinite(samples["rewards_BF"])).sum()),  # None/NaN/inf/isolated errors
+        "advantage_abs_mean": samples["advantages_B"].abs().mean().item(),
         "loss": update["loss"],
         "clip_ratio": update["clip_ratio"],
         "grad_norm": update["grad_norm"],
         "learning_rate": learning_rate,
-        "episodes_per_s": rollout.completion_ids_BT.shape[0] / max(seconds, 1e-9),
+        "episodes_per_s": len(scores_B) / max(seconds, 1e-9),
         "step_seconds": seconds,
     })
     # A skipped step's NaN loss, say: null in metrics.jsonl, never NaN.

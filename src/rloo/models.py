@@ -320,8 +320,8 @@ def _plain_output_head(model, hidden_P1D: torch.Tensor, logits_P1V: torch.Tensor
     """The output embedding, if the model's logits are exactly that layer applied to its final hidden
     states (not so with logit soft-capping or scaling, as Gemma 2 or Cohere do); else None."""
     head = getattr(model, "module", model).get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        return None
+    if not isinstance(head, torch.nn.Linear) or head.weight.numel() != head.in_features * head.out_features:
+        return None  # not a plain layer, or its weight is sharded (FSDP, ZeRO-3) outside the model's forward
     with torch.no_grad():
         return head if torch.allclose(head(hidden_P1D), logits_P1V, rtol=1e-4, atol=1e-5) else None
 

@@ -77,9 +77,10 @@ class Rollout:
 
 
 def sample(generator: Generator, tokenizer, prompts: list[str], prompt_ids: list[list[int]],
-           columns: dict[str, list], num_generations: int, device: torch.device) -> Rollout:
-    """Phase 1: k completions for each prompt."""
-    completions = generator.generate(prompt_ids, num_generations)
+           columns: dict[str, list], num_generations: int, device: torch.device,
+           seeds: list[int] | None = None) -> Rollout:
+    """Phase 1: k completions for each prompt (``seeds``: one per prompt, see ``generation.prompt_seeds``)."""
+    completions = generator.generate(prompt_ids, num_generations, seeds)
     prompt_ids_PL, prompt_mask_PL = left_pad(prompt_ids, tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(
         completions.completion_ids_BT.masked_fill(completions.completion_mask_BT == 0, tokenizer.pad_token_id),

@@ -19,7 +19,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -32,12 +32,13 @@ from transformers import get_scheduler
 
 from rloo import objective
 from rloo.checkpoint import (COMMIT_MARKER, REFERENCE, TrainState, capture_rng, checkpoints_dir,
-                             committed_checkpoints, load_weights, optimizer_state, read_checkpoint, remove_checkpoint,
-                             resolve_resume_path, restore_rng, rollout_fields, save_checkpoint, save_reference)
+                             committed_checkpoints, load_weights, optimizer_state, rank_state, read_checkpoint,
+                             remove_checkpoint, resolve_resume_path, restore_rng, rollout_fields, save_checkpoint,
+                             save_reference)
 from rloo.config import RLOOConfig, load_config, validate
 from rloo.data import PromptSampler, gather_rows, load_prompt_dataset, render_prompt, tokenize_prompts
 from rloo.evaluate import evaluate, paired_gain
-from rloo.generation import Generator, build_generator
+from rloo.generation import Generator, build_generator, prompt_seeds
 from rloo.metrics import MetricsWriter, step_metrics, timed
 from rloo.models import (completion_logprobs, disable_dropout, eos_token_ids, frozen_copy, load_policy,
                          load_tokenizer, prompt_token_limit, resolve_model_path)
@@ -148,7 +149,11 @@ def _train(run: Run) -> TrainResult:
 
 
 def stop_if_asked(run: Run, state: TrainState) -> None:
-    """After SIGINT / SIGTERM: a checkpoint of the state now, then TrainingInterrupted."""
+    """After SIGINT / SIGTERM (on any process: all stop together): a checkpoint of the state now, then
+    TrainingInterrupted."""
+    if run.accelerator.num_processes > 1:
+        flag = torch.tensor([run.stop_signal or 0], device=run.accelerator.device)
+        run.stop_signal = int(run.accelerator.reduce(flag, "max").item()) or None
     if run.stop_signal is not None:
         checkpoint = save(run, snapshot(run, state))
         raise TrainingInterrupted(signal.Signals(run.stop_signal).name, state.step, checkpoint)
@@ -161,7 +166,7 @@ def training_step(run: Run, state: TrainState, step: int) -> dict:
     if (step - 1) % cfg.num_iterations == 0:
         rows = next(run.sampler)
         with timed(timings, "generate"):  # phase 1
-            rollout = sample_rollout(run, rows)
+            rollout = sample_rollout(run, rows, step)
         with timed(timings, "score"):  # phase 2
             errors: list[str] = []
             score(rollout, run.sources, cfg.missing_eos_penalty, cfg.reward_errors, errors)
@@ -197,11 +202,36 @@ def training_step(run: Run, state: TrainState, step: int) -> dict:
     state.step = step
     if step % cfg.num_iterations == 0:
         state.rollout = None  # used up: the next step samples a new batch
-    metrics = step_metrics(step, rollout, run.sources, update, time.perf_counter() - start, learning_rate, cfg)
+    samples, update = across_processes(run, rollout, update)
+    metrics = step_metrics(step, samples, cfg.num_generations, run.sources, update, time.perf_counter() - start,
+                           learning_rate)
     metrics.update(timings)
-    metrics.update({name: run.counters[name] for name in ("num_truncated_prompts", "num_reward_errors",
-                                                          "num_nonfinite_steps")})
+    names = ("num_truncated_prompts", "num_reward_errors", "num_nonfinite_steps")
+    counts = torch.tensor([run.counters[name] for name in names], device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:  # each process counts its own prompts and samples
+        counts = run.accelerator.reduce(counts, "sum")
+    metrics.update(dict(zip(names, counts.tolist())))
     return metrics
+
+
+def across_processes(run: Run, rollout: Rollout, update: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """The step's per-completion tensors from every process (gathered, rank order) and its update
+    figures reduced over processes (loss and clip ratio averaged: each process's loss is its share)."""
+    samples = {
+        "scores_B": rollout.scores_B, "rewards_BF": rollout.rewards_BF, "kl_B": rollout.kl_B,
+        "lengths_B": rollout.completion_mask_BT.sum(1), "truncated_B": rollout.truncated_B,
+        "advantages_B": update["advantages_B"],
+    }
+    if run.accelerator.num_processes == 1:
+        return samples, update
+    gather = run.accelerator.gather
+    samples = {name: gather(tensor.contiguous()) for name, tensor in samples.items()}
+    device = run.accelerator.device
+    totals = gather(torch.tensor([[update["loss"], update["clip_ratio"], update["entropy_sum"], update["num_tokens"]]],
+                                 dtype=torch.float64, device=device))
+    update = dict(update, loss=totals[:, 0].mean().item(), clip_ratio=totals[:, 1].mean().item(),
+                  entropy=(totals[:, 2].sum() / totals[:, 3].sum().clamp(min=1)).item())
+    return samples, update
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -217,15 +247,30 @@ def snapshot(run: Run, state: TrainState) -> TrainState:
 
 
 def save(run: Run, state: TrainState) -> Path | None:
-    """A committed checkpoint of ``state`` with the current weights and optimizer (main process only)."""
-    if not run.accelerator.is_main_process:
-        return None
-    if run.reference is not None:
-        save_reference(run.output_dir, run.reference)
-    path = save_checkpoint(run.output_dir, run.accelerator.unwrap_model(run.policy), run.optimizer, run.scheduler,
-                           state, run.cfg.to_dict(), fingerprint(run), run.cfg.save_total_limit)
-    logger.info("checkpoint %s", path)
-    return path
+    """A committed checkpoint of ``state`` (every process's, gathered) with the current weights and
+    optimizer; written by the main process while the others wait."""
+    states = [state]
+    if run.accelerator.num_processes > 1:
+        states = [None] * run.accelerator.num_processes
+        torch.distributed.all_gather_object(states, _to_cpu(state))  # in memory; files hold no pickle
+    path = None
+    if run.accelerator.is_main_process:
+        if run.reference is not None:
+            save_reference(run.output_dir, run.reference)
+        path = save_checkpoint(run.output_dir, run.accelerator.unwrap_model(run.policy), run.optimizer,
+                               run.scheduler, states, run.cfg.to_dict(), fingerprint(run), run.cfg.save_total_limit)
+        logger.info("checkpoint %s", path)
+    run.accelerator.wait_for_everyone()
+    return path if path is not None else checkpoints_dir(run.output_dir) / f"step-{state.step:06d}"
+
+
+def _to_cpu(state: TrainState) -> TrainState:
+    rollout = state.rollout
+    if rollout is not None:
+        rollout = replace(rollout, **{f.name: getattr(rollout, f.name).cpu() for f in fields(rollout)
+                                      if isinstance(getattr(rollout, f.name), torch.Tensor)})
+    json_part, tensors = state.rng
+    return replace(state, rollout=rollout, rng=(json_part, {name: t.cpu() for name, t in tensors.items()}))
 
 
 def fingerprint(run: Run) -> dict:
@@ -268,11 +313,16 @@ def resume(run: Run) -> TrainState:
     run.optimizer.load_state_dict(optimizer_state(meta["optimizer"], tensors["optimizer"]))
     run.scheduler.load_state_dict(meta["scheduler"])
     run.sampler.load_state_dict(meta["sampler"])
-    run.counters.update(meta["counters"])
-    restore_rng((meta["rng"], tensors["rng"]))
+    rank = run.accelerator.process_index
+    if rank >= len(meta["ranks"]):
+        raise CheckpointError(f"cannot resume from {path}: written by {len(meta['ranks'])} processes, this is process "
+                              f"{rank}")
+    counters, rng, rollout_parts = rank_state(meta, tensors, rank)
+    run.counters.update(counters)
+    restore_rng(rng)
     rollout = None
-    if meta["rollout"] is not None:
-        rollout = Rollout(**rollout_fields(meta["rollout"], tensors["rollout"], run.accelerator.device))
+    if rollout_parts is not None:
+        rollout = Rollout(**rollout_fields(*rollout_parts, run.accelerator.device))
     if path.parent == checkpoints_dir(run.output_dir):  # checkpoints past this one belong to the abandoned branch
         for newer in committed_checkpoints(run.output_dir):
             if int(newer.name.split("-")[1]) > meta["step"]:
@@ -312,7 +362,8 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     if cfg.resume_from_checkpoint not in (None, "latest") and cfg.output_dir is None:
         cfg.output_dir = str(Path(cfg.resume_from_checkpoint).parent.parent)  # <run>/checkpoints/step-N
     validate(cfg)  # config errors before any data or model is touched
-    accelerator = Accelerator()
+    # cpu=True without CUDA: then torchrun / `accelerate launch --multi_gpu` processes form a gloo group.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     train_dataset, eval_dataset = load_datasets(cfg, train_dataset, eval_dataset)
     sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
     policy, tokenizer, start_model = load_model(cfg, model, tokenizer)
@@ -393,7 +444,7 @@ def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any,
     return policy, tokenizer, start_model
 
 
-def sample_rollout(run: Run, rows: list[int]) -> Rollout:
+def sample_rollout(run: Run, rows: list[int], step: int) -> Rollout:
     """Phase 1 for one batch of prompt rows: render, tokenize (left-truncate), sample k each."""
     prompts, columns = gather_rows(run.train_dataset, rows)
     texts = [render_prompt(p, run.tokenizer) for p in prompts]
@@ -405,7 +456,7 @@ def sample_rollout(run: Run, rows: list[int]) -> Rollout:
     run.counters["num_truncated_prompts"] += tokenized.num_truncated
     prompt_ids = tokenized.input_ids
     return sample(run.generator, run.tokenizer, texts, prompt_ids, columns, run.cfg.num_generations,
-                  run.accelerator.device)
+                  run.accelerator.device, prompt_seeds(run.cfg.seed, step, rows))
 
 
 def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
@@ -439,7 +490,7 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         totals["clip_ratio"] += loss_metrics["clip_ratio"].item() * mb_size / num_sequences
         totals["entropy"] += entropy_BT.sum().item()
         totals["num_tokens"] += mb.completion_mask_BT.sum().item()
-        kl_B.append(mb.kl_B if mb.kl_B is not None else torch.zeros(mb_size))
+        kl_B.append(mb.kl_B if mb.kl_B is not None else torch.zeros(mb_size, device=mb.scores_B.device))
         advantages_B.append(mb.advantages_B)
     grad_norm = run.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.max_grad_norm or math.inf)
     # A non-finite loss or gradient would poison the weights and Adam's moments: skip the update (counted).
@@ -455,6 +506,8 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         "loss": totals["loss"],
         "clip_ratio": totals["clip_ratio"],
         "entropy": totals["entropy"] / max(totals["num_tokens"], 1.0),
+        "entropy_sum": totals["entropy"],
+        "num_tokens": totals["num_tokens"],
         "grad_norm": float(grad_norm) if not skipped else None,
         "skipped": skipped,
         "advantages_B": torch.cat(advantages_B).detach(),

@@ -1,7 +1,9 @@
 """Generation backends behind one small protocol; ``build_generator`` is the only place that picks one.
 
-The trainer calls ``generator.generate(prompt_ids, k)`` and, after each optimizer step,
-``generator.load_weights(model)``; it never branches on the backend.
+The trainer calls ``generator.generate(prompt_ids, k, seeds)`` and, after each optimizer step,
+``generator.load_weights(model)``; it never branches on the backend. ``seeds`` (one per prompt) make
+a prompt's k samples a function of its seed alone: the same whatever else is in the batch and however
+many processes share the work.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ class Completions:
 
 
 class Generator(Protocol):
-    def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Completions: ...
+    def generate(self, prompt_ids: list[list[int]], num_generations: int,
+                 seeds: list[int] | None = None) -> Completions: ...
 
     def load_weights(self, model: torch.nn.Module) -> None: ...
 
@@ -37,6 +40,11 @@ def cut_at_eos(sequences_BT: torch.Tensor, eos_token_ids: list[int], pad_token_i
     mask_BT = (positions_T[None, :] <= first_eos_B[:, None]).long()
     ids_BT = sequences_BT.masked_fill(mask_BT == 0, pad_token_id)
     return Completions(ids_BT, mask_BT, ~has_eos_B)
+
+
+def prompt_seeds(seed: int, step: int, rows: list[int]) -> list[int]:
+    """One sampling seed per prompt: a function of the run's seed, the step and the dataset row only."""
+    return [(seed * 1_000_003 + step) * 1_000_033 + row for row in rows]
 
 
 def build_generator(cfg, model, tokenizer, eos_token_ids: list[int]) -> Generator:

@@ -42,7 +42,7 @@ class HFGenerator:
             self.warpers.append(TopPLogitsWarper(top_p))
 
     @torch.no_grad()
-    def generate(self, prompt_ids: list[list[int]], num_generations: int) -> Completions:
+    def generate(self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int] | None = None) -> Completions:
         device = next(self.model.parameters()).device
         prompt_ids_PL, prompt_mask_PL = left_pad(prompt_ids, self.pad_token_id)
         was_training = self.model.training
@@ -56,12 +56,15 @@ class HFGenerator:
                 prefill = prefill_shared(self.model, prompt_ids_PL.repeat_interleave(num_generations, 0),
                                          prompt_mask_PL.repeat_interleave(num_generations, 0), 1,
                                          reserve=self.max_new_tokens)
-            sequences_BT = self._decode(prefill)
+            generators = None
+            if seeds is not None:  # each prompt's k rows draw their noise from the prompt's own generator
+                generators = [torch.Generator(device).manual_seed(seed % 2**63) for seed in seeds]
+            sequences_BT = self._decode(prefill, generators)
         finally:
             self.model.train(was_training)
         return cut_at_eos(sequences_BT, self.eos_token_ids, self.pad_token_id)
 
-    def _decode(self, prefill: SharedPrefill) -> torch.Tensor:
+    def _decode(self, prefill: SharedPrefill, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Decode the B prefilled rows token by token, until every row has emitted an EOS or the limit."""
         cache, logits_BV = prefill.cache, prefill.last_logits_BV.float()
         attention_mask, position_B = prefill.attention_mask_BL, prefill.next_position_B
@@ -70,7 +73,7 @@ class HFGenerator:
         tokens = []
         for step in range(self.max_new_tokens):
             if self.do_sample:
-                next_B = sample_categorical(self.warpers(None, logits_BV).softmax(-1))
+                next_B = sample_categorical(self.warpers(None, logits_BV).softmax(-1), generators)
             else:
                 next_B = logits_BV.argmax(-1)
             next_B = torch.where(unfinished_B, next_B, self.pad_token_id)
@@ -88,7 +91,7 @@ class HFGenerator:
         """Nothing to do: this backend samples from the training model itself."""
 
 
-def sample_categorical(probs_BV: torch.Tensor) -> torch.Tensor:
+def sample_categorical(probs_BV: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """One draw per row from the categorical distribution ``probs_BV`` (rows need not sum to 1).
 
     The exponential race ``torch.multinomial(probs, 1)`` runs: argmax_i p_i / E_i with E_i ~ Exp(1)
@@ -97,6 +100,13 @@ def sample_categorical(probs_BV: torch.Tensor) -> torch.Tensor:
     noise costs more than the decode step of a small model). Unlike an inverse-CDF draw, a tiny change
     in the logits (another batch shape) changes the token only at near-ties. U has 24 bits, so a
     token whose probability is below about 1e-7 of the top token's is drawn a little less often.
+    ``generators``: one per equal block of consecutive rows (a prompt's k rows), else the global RNG.
     """
-    noise_BV = torch.rand(probs_BV.shape, device=probs_BV.device).log_().neg_()  # Exp(1); U = 0 -> inf -> loses
+    if generators is None:
+        uniform_BV = torch.rand(probs_BV.shape, device=probs_BV.device)
+    else:
+        rows = probs_BV.shape[0] // len(generators)
+        uniform_BV = torch.cat([torch.rand((rows, probs_BV.shape[1]), generator=g, device=probs_BV.device)
+                                for g in generators])
+    noise_BV = uniform_BV.log_().neg_()  # Exp(1); U = 0 -> inf -> loses
     return (probs_BV.float() / noise_BV).argmax(-1)

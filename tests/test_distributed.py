@@ -1,0 +1,90 @@
+"""Several processes (torchrun, gloo on CPU) equal one: the same parameters, rewards and run folder.
+
+Each prompt's samples depend only on (seed, step, dataset row) (generation.prompt_seeds), so two
+processes that split a global batch sample what one process with the whole batch samples; DDP
+averages their gradients, each process's loss being its share of the step's sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rloo import train
+from rloo.checkpoint import committed_checkpoints
+from test_train_e2e import tiny_config
+
+COMMON = dict(num_eval_samples=0, max_steps=3, learning_rate=1e-3, temperature=0.9, save_steps=0)
+
+
+def cli_args(values: dict) -> list[str]:
+    args = []
+    for key, value in values.items():
+        args += [f"--{key}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return args
+
+
+def torchrun(num_processes: int, model_dir: Path, out: Path, **overrides) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m rloo train`` with tiny_config's values (per process batch)."""
+    cfg = tiny_config(model_dir, out, **{**COMMON, **overrides})
+    values = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("preset",)}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
+                           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "rloo", "train",
+                           *cli_args(values)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def rewards_of(run: Path) -> list[dict]:
+    keys = ("step", "reward", "reward_std", "rewards/grounding", "rewards/summary_length", "completion_length",
+            "num_truncated_prompts", "advantage_abs_mean")
+    return [{k: json.loads(line)[k] for k in keys} for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def max_difference(a: Path, b: Path) -> float:
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys()
+    return max((x[k] - y[k]).abs().max().item() for k in x)
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    one = train(tiny_config(tiny_model_dir, tmp_path / "one", per_device_train_batch_size=8, **COMMON)).output_dir
+    two = tmp_path / "two"
+    torchrun(2, tiny_model_dir, two, per_device_train_batch_size=4)  # 2 groups per process, 4 per step
+    assert max_difference(one, two) <= 1e-5
+    for a, b in zip(rewards_of(one), rewards_of(two), strict=True):  # 3 lines each: written once
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+
+
+def test_two_process_checkpoint_resumes_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Inside a reused generation batch (num_iterations 2, checkpoint at step 3): each process's RNG and
+    batch come back from its own part of the checkpoint."""
+    settings = dict(per_device_train_batch_size=4, num_iterations=2, save_steps=1, lr_scheduler_type="constant")
+    full = tmp_path / "full"
+    torchrun(2, tiny_model_dir, full, max_steps=4, **settings)
+    part = tmp_path / "part"
+    torchrun(2, tiny_model_dir, part, max_steps=3, **settings)
+    latest = committed_checkpoints(part)[-1]
+    assert latest.name == "step-000003"
+    assert (latest / "rollout-rank0.safetensors").is_file() and (latest / "rollout-rank1.safetensors").is_file()
+    torchrun(2, tiny_model_dir, part, max_steps=4, resume_from_checkpoint="latest", **settings)
+    assert max_difference(full, part) == 0.0
+    for a, b in zip(load_file(committed_checkpoints(full)[-1] / "optimizer.safetensors").items(),
+                    load_file(committed_checkpoints(part)[-1] / "optimizer.safetensors").items()):
+        assert a[0] == b[0] and torch.equal(a[1], b[1])
+    assert rewards_of(full) == rewards_of(part)
