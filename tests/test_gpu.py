@@ -58,3 +58,16 @@ def test_two_steps_on_gpu(tiny_model_dir, tmp_path):
     result = train(tiny_config(tiny_model_dir, tmp_path / "run", num_eval_samples=0))
     assert len(result.metrics) == 2 and all(torch.isfinite(torch.tensor(m["loss"])) for m in result.metrics)
     assert (result.output_dir / "model.safetensors").is_file()
+
+
+def test_torchrun_on_one_gpu_equals_the_plain_run(tiny_model_dir, tmp_path):
+    """A torchrun-launched process on CUDA (NCCL group of one) trains as the plain process does."""
+    from test_distributed import COMMON, max_difference, torchrun
+    from test_train_e2e import tiny_config
+
+    from rloo import train
+
+    plain = train(tiny_config(tiny_model_dir, tmp_path / "plain", per_device_train_batch_size=4, **COMMON)).output_dir
+    ddp = tmp_path / "ddp"
+    torchrun(1, tiny_model_dir, ddp, per_device_train_batch_size=4)
+    assert max_difference(plain, ddp) <= 1e-4
