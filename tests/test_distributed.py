@@ -88,3 +88,22 @@ def test_two_process_checkpoint_resumes_like_an_uninterrupted_run(tiny_model_dir
                     load_file(committed_checkpoints(part)[-1] / "optimizer.safetensors").items()):
         assert a[0] == b[0] and torch.equal(a[1], b[1])
     assert rewards_of(full) == rewards_of(part)
+
+
+def test_a_reward_error_on_one_process_stops_every_process_with_a_checkpoint(tiny_model_dir, tmp_path):
+    reward = tmp_path / "rank1_fails.py"
+    reward.write_text(
+        "import os\n"
+        "CALLS = []\n"
+        "def fn(prompts, completions, **kwargs):\n"
+        "    CALLS.append(1)\n"
+        "    if len(CALLS) >= 2 and os.environ.get('RANK') == '1':\n"
+        "        raise RuntimeError('rank 1 cannot score this')\n"
+        "    return [float(len(c)) for c in completions]\n"
+    )
+    out = tmp_path / "run"
+    with pytest.raises(AssertionError) as info:  # torchrun fails: both processes exit with an error
+        torchrun(2, tiny_model_dir, out, per_device_train_batch_size=4, reward_funcs=[f"{reward}:fn"],
+                 reward_weights=None, save_steps=0)
+    assert "rank 1 cannot score this" in str(info.value) and "another process" in str(info.value)
+    assert committed_checkpoints(out)[-1].name == "step-000001"  # the state before the failing step 2

@@ -169,7 +169,17 @@ def training_step(run: Run, state: TrainState, step: int) -> dict:
             rollout = sample_rollout(run, rows, step)
         with timed(timings, "score"):  # phase 2
             errors: list[str] = []
-            score(rollout, run.sources, cfg.missing_eos_penalty, cfg.reward_errors, errors)
+            failure = None
+            try:
+                score(rollout, run.sources, cfg.missing_eos_penalty, cfg.reward_errors, errors)
+            except RewardFunctionError as err:
+                failure = err
+            if run.accelerator.num_processes > 1:  # one process's failure stops them all (no one left waiting)
+                flag = torch.tensor([failure is not None], dtype=torch.int32, device=run.accelerator.device)
+                if run.accelerator.reduce(flag, "max").item() and failure is None:
+                    failure = RewardFunctionError("a reward function raised on another process (its message is there)")
+            if failure is not None:
+                raise failure
             for line in errors:
                 logger.warning("step %d: %s", step, line)
             run.counters["num_reward_errors"] += len(errors)
