@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -473,28 +474,21 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
     """Phase 4: one optimizer step over the rollout in micro-batches of whole prompt groups.
 
     The loss divides by the step's total sequence count, so accumulating micro-batches equals one
-    big batch. A non-finite loss or gradient norm skips the optimizer step (``skipped``). When the batch is used once, the training forward doubles as the old-policy pass
-    (old = detached current log-probs, ratio = 1), so no extra forward is spent on it.
+    big batch. When the batch is used once, the training forward doubles as the old-policy pass
+    (old = detached current log-probs, ratio = 1), so no extra forward is spent on it. A non-finite
+    loss or gradient norm skips the optimizer step (``skipped``).
     """
     cfg, sizes = run.cfg, run.cfg.sizes
     num_sequences = rollout.completion_ids_BT.shape[0]
     totals = {"loss": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "num_tokens": 0.0}
     kl_B, advantages_B = [], []
-    for mb in rollout.micro_batches(sizes.num_prompts_per_micro_batch):
-        logprobs_BT, entropy_BT = completion_logprobs(run.policy, mb.prompt_ids_PL, mb.prompt_mask_PL,
-                                                      mb.completion_ids_BT, mb.completion_mask_BT, cfg.temperature,
-                                                      with_entropy=True, share_prompt=cfg.share_prompt_prefix)
-        old_logprobs_BT = mb.old_logprobs_BT if mb.old_logprobs_BT is not None else logprobs_BT.detach()
-        if mb.advantages_B is None:
-            add_advantages(mb, old_logprobs_BT, cfg.beta, cfg.kl_estimator)
-        loss_mask_BT = mb.completion_mask_BT
-        if cfg.mask_truncated_completions:
-            loss_mask_BT = loss_mask_BT * (~mb.truncated_B).long()[:, None]
-        loss, loss_metrics = objective.policy_loss(
-            logprobs_BT, old_logprobs_BT, mb.advantages_B, loss_mask_BT, num_sequences,
-            cfg.epsilon, cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
-        )
-        run.accelerator.backward(loss)
+    micro_batches = list(rollout.micro_batches(sizes.num_prompts_per_micro_batch))
+    for index, mb in enumerate(micro_batches):
+        # Across processes, gradients are averaged once, after the step's last micro-batch (DDP no_sync).
+        last = index == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else run.accelerator.no_sync(run.policy):
+            loss, entropy_BT, loss_metrics = micro_batch_loss(run, mb, num_sequences)
+            run.accelerator.backward(loss)
         mb_size = mb.completion_ids_BT.shape[0]
         totals["loss"] += loss.item()
         totals["clip_ratio"] += loss_metrics["clip_ratio"].item() * mb_size / num_sequences
@@ -522,6 +516,26 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         "skipped": skipped,
         "advantages_B": torch.cat(advantages_B).detach(),
     }
+
+
+def micro_batch_loss(run: Run, mb: Rollout, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The training forward of one micro-batch, its advantages when not computed up front, and its
+    share of the step's loss (divided by the step's ``num_sequences``)."""
+    cfg = run.cfg
+    logprobs_BT, entropy_BT = completion_logprobs(run.policy, mb.prompt_ids_PL, mb.prompt_mask_PL,
+                                                  mb.completion_ids_BT, mb.completion_mask_BT, cfg.temperature,
+                                                  with_entropy=True, share_prompt=cfg.share_prompt_prefix)
+    old_logprobs_BT = mb.old_logprobs_BT if mb.old_logprobs_BT is not None else logprobs_BT.detach()
+    if mb.advantages_B is None:
+        add_advantages(mb, old_logprobs_BT, cfg.beta, cfg.kl_estimator)
+    loss_mask_BT = mb.completion_mask_BT
+    if cfg.mask_truncated_completions:
+        loss_mask_BT = loss_mask_BT * (~mb.truncated_B).long()[:, None]
+    loss, loss_metrics = objective.policy_loss(
+        logprobs_BT, old_logprobs_BT, mb.advantages_B, loss_mask_BT, num_sequences,
+        cfg.epsilon, cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
+    )
+    return loss, entropy_BT, loss_metrics
 
 
 def run_evaluation(run: Run, when: str) -> dict | None:
