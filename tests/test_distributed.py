@@ -59,11 +59,15 @@ def max_difference(a: Path, b: Path) -> float:
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path):
-    one = train(tiny_config(tiny_model_dir, tmp_path / "one", per_device_train_batch_size=8, **COMMON)).output_dir
+@pytest.mark.parametrize("normalize", [False, True])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path, normalize):
+    """normalize_advantages: over the step's whole batch, whatever the layout."""
+    one = train(tiny_config(tiny_model_dir, tmp_path / "one", per_device_train_batch_size=8,
+                            normalize_advantages=normalize, **COMMON)).output_dir
     two = tmp_path / "two"
     # 2 processes x 2 micro-batches (gradients averaged across processes after the second) x 1 group
-    torchrun(2, tiny_model_dir, two, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    torchrun(2, tiny_model_dir, two, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+             normalize_advantages=normalize)
     assert max_difference(one, two) <= 1e-5
     for a, b in zip(rewards_of(one), rewards_of(two), strict=True):  # 3 lines each: written once
         assert a.keys() == b.keys()

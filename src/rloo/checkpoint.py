@@ -207,7 +207,7 @@ def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module, optimizer: 
 
 
 def remove_checkpoint(folder: Path) -> None:
-    (folder / COMMIT_MARKER).unlink()  # invisible first, then removed
+    (folder / COMMIT_MARKER).unlink(missing_ok=True)  # invisible first, then removed
     shutil.rmtree(folder, ignore_errors=True)
 
 

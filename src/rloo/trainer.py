@@ -146,6 +146,7 @@ def _train(run: Run) -> TrainResult:
     summary = summarize(state.eval_before, eval_after)
     if run.accelerator.is_main_process:  # phase 6
         save_run_folder(run, summary)
+    run.accelerator.wait_for_everyone()  # the run folder is complete when train() returns, on every process
     return TrainResult(run.output_dir, state.eval_before, eval_after, history, cfg)
 
 
@@ -195,7 +196,7 @@ def training_step(run: Run, state: TrainState, step: int) -> dict:
                              "old_logprobs_BT", cfg.share_prompt_prefix)
             add_advantages(rollout, rollout.old_logprobs_BT, cfg.beta, cfg.kl_estimator)
             if cfg.normalize_advantages:
-                rollout.advantages_B = objective.normalize_advantages(rollout.advantages_B)
+                rollout.advantages_B = normalize_over_processes(run, rollout.advantages_B)
         state.rollout = rollout
     rollout = state.rollout
     learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
@@ -217,12 +218,21 @@ def training_step(run: Run, state: TrainState, step: int) -> dict:
     metrics = step_metrics(step, samples, cfg.num_generations, run.sources, update, time.perf_counter() - start,
                            learning_rate)
     metrics.update(timings)
-    names = ("num_truncated_prompts", "num_reward_errors", "num_nonfinite_steps")
+    names = ("num_truncated_prompts", "num_reward_errors")
     counts = torch.tensor([run.counters[name] for name in names], device=run.accelerator.device)
     if run.accelerator.num_processes > 1:  # each process counts its own prompts and samples
         counts = run.accelerator.reduce(counts, "sum")
     metrics.update(dict(zip(names, counts.tolist())))
+    metrics["num_nonfinite_steps"] = run.counters["num_nonfinite_steps"]  # a step is skipped by all processes
     return metrics
+
+
+def normalize_over_processes(run: Run, advantages_B: torch.Tensor) -> torch.Tensor:
+    """objective.normalize_advantages over the step's whole batch (every process), this process's part."""
+    if run.accelerator.num_processes == 1:
+        return objective.normalize_advantages(advantages_B)
+    everything_B = objective.normalize_advantages(run.accelerator.gather(advantages_B.contiguous()))
+    return everything_B.view(run.accelerator.num_processes, -1)[run.accelerator.process_index]
 
 
 def across_processes(run: Run, rollout: Rollout, update: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -264,14 +274,23 @@ def save(run: Run, state: TrainState) -> Path | None:
     if run.accelerator.num_processes > 1:
         states = [None] * run.accelerator.num_processes
         torch.distributed.all_gather_object(states, _to_cpu(state))  # in memory; files hold no pickle
-    path = None
+    path, error = None, None
     if run.accelerator.is_main_process:
-        if run.reference is not None:
-            save_reference(run.output_dir, run.reference)
-        path = save_checkpoint(run.output_dir, run.accelerator.unwrap_model(run.policy), run.optimizer,
-                               run.scheduler, states, run.cfg.to_dict(), fingerprint(run), run.cfg.save_total_limit)
-        logger.info("checkpoint %s", path)
-    run.accelerator.wait_for_everyone()
+        try:
+            if run.reference is not None:
+                save_reference(run.output_dir, run.reference)
+            path = save_checkpoint(run.output_dir, run.accelerator.unwrap_model(run.policy), run.optimizer,
+                                   run.scheduler, states, run.cfg.to_dict(), fingerprint(run),
+                                   run.cfg.save_total_limit)
+            logger.info("checkpoint %s", path)
+        except CheckpointError as err:
+            error = err
+    if run.accelerator.num_processes > 1:  # everyone learns whether process 0's save worked (and waits for it)
+        flag = torch.tensor([error is not None], dtype=torch.int32, device=run.accelerator.device)
+        if run.accelerator.reduce(flag, "max").item() and error is None:
+            error = CheckpointError("process 0 could not write the checkpoint (its message is there)")
+    if error is not None:
+        raise error
     return path if path is not None else checkpoints_dir(run.output_dir) / f"step-{state.step:06d}"
 
 
@@ -334,11 +353,12 @@ def resume(run: Run) -> TrainState:
     rollout = None
     if rollout_parts is not None:
         rollout = Rollout(**rollout_fields(*rollout_parts, run.accelerator.device))
-    if path.parent == checkpoints_dir(run.output_dir):  # checkpoints past this one belong to the abandoned branch
-        for newer in committed_checkpoints(run.output_dir):
+    if path.parent == checkpoints_dir(run.output_dir) and run.accelerator.is_main_process:
+        for newer in committed_checkpoints(run.output_dir):  # past this one: the abandoned branch
             if int(newer.name.split("-")[1]) > meta["step"]:
                 logger.warning("removing %s: the run continues from the earlier %s", newer, path.name)
                 remove_checkpoint(newer)
+    run.accelerator.wait_for_everyone()
     logger.info("resumed from %s (step %d)", path, meta["step"])
     return TrainState(step=meta["step"], rollout=rollout, eval_before=meta["eval_before"])
 
@@ -499,6 +519,9 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
     grad_norm = run.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.max_grad_norm or math.inf)
     # A non-finite loss or gradient would poison the weights and Adam's moments: skip the update (counted).
     skipped = not (math.isfinite(totals["loss"]) and math.isfinite(float(grad_norm)))
+    if run.accelerator.num_processes > 1:  # every process skips, or none does
+        flag = torch.tensor([skipped], dtype=torch.int32, device=run.accelerator.device)
+        skipped = bool(run.accelerator.reduce(flag, "max").item())
     if not skipped:
         run.optimizer.step()
     run.scheduler.step()
