@@ -62,18 +62,24 @@ def max_difference(a: Path, b: Path) -> float:
 @pytest.mark.parametrize("normalize", [False, True])
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path, normalize):
     """normalize_advantages: over the step's whole batch, whatever the layout."""
+    evaluation = dict(num_eval_samples=7) if normalize else {}  # held-out prompts split 4 + 3 over the processes
     one = train(tiny_config(tiny_model_dir, tmp_path / "one", per_device_train_batch_size=8,
-                            normalize_advantages=normalize, **COMMON)).output_dir
+                            normalize_advantages=normalize, **{**COMMON, **evaluation})).output_dir
     two = tmp_path / "two"
     # 2 processes x 2 micro-batches (gradients averaged across processes after the second) x 1 group
     torchrun(2, tiny_model_dir, two, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-             normalize_advantages=normalize)
+             normalize_advantages=normalize, **evaluation)
     assert max_difference(one, two) <= 1e-5
     for a, b in zip(rewards_of(one), rewards_of(two), strict=True):  # 3 lines each: written once
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    if evaluation:
+        a, b = (json.loads((run / "eval.json").read_text()) for run in (one, two))
+        assert b["num_prompts"] == 7
+        for key in ("reward_before", "reward_after", "gain"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
 
 
 def test_two_process_checkpoint_resumes_like_an_uninterrupted_run(tiny_model_dir, tmp_path):

@@ -15,11 +15,18 @@ from rloo.rollout import sample, score
 
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples: int | None = None,
-             seed: int = 1234, batch_size: int = 50) -> dict:
+             seed: int = 1234, batch_size: int = 50, accelerator=None) -> dict:
     """Score one completion (sampled at the training temperature, fixed seed) for each of the first
     ``num_samples`` prompts of ``dataset``. Returns reward_mean/std, per-source means, completion
-    length, num_prompts and the per-prompt rewards (for paired before/after comparisons)."""
+    length, num_prompts and the per-prompt rewards (for paired before/after comparisons).
+
+    With an ``accelerator`` of several processes, each scores a contiguous share of the prompts and
+    the per-prompt results are gathered (each prompt's seed is its own, so the figures do not change)."""
     num_samples = min(num_samples or len(dataset), len(dataset))
+    processes = accelerator.num_processes if accelerator is not None else 1
+    share = -(-num_samples // processes)
+    first = share * (accelerator.process_index if accelerator is not None else 0)
+    mine = range(min(first, num_samples), min(first + share, num_samples))
     generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer))
     device = next(model.parameters()).device
     limit = prompt_token_limit(model, cfg.max_prompt_length, cfg.max_completion_length)
@@ -27,8 +34,8 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     # A fixed seed makes "before" and "after" draw the same random numbers, so their difference is paired.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in range(0, num_samples, batch_size):
-            indices = list(range(start, min(start + batch_size, num_samples)))
+        for start in range(mine.start, mine.stop, batch_size):
+            indices = list(range(start, min(start + batch_size, mine.stop)))
             prompts, columns = gather_rows(dataset, indices)
             texts = [render_prompt(p, tokenizer) for p in prompts]
             prompt_ids = tokenize_prompts(texts, tokenizer, limit, warn=False).input_ids
@@ -37,7 +44,15 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
             rewards.append(rollout.rewards_BF.cpu())
             scores.append(rollout.scores_B.cpu())
             lengths.append(rollout.completion_mask_BT.sum(1).float().cpu())
-    rewards_NF, scores_N, lengths_N = torch.cat(rewards), torch.cat(scores), torch.cat(lengths)
+    rewards_NF = torch.cat(rewards) if rewards else torch.zeros(0, len(sources.names))
+    scores_N = torch.cat(scores) if scores else torch.zeros(0)
+    lengths_N = torch.cat(lengths) if lengths else torch.zeros(0)
+    if processes > 1:  # pad every share to the same length (NaN), gather in rank order, drop the padding
+        pad = share - len(scores_N)
+        padded = torch.cat([torch.cat([rewards_NF, scores_N[:, None], lengths_N[:, None]], 1),
+                            torch.full((pad, rewards_NF.shape[1] + 2), float("nan"))])
+        everything = accelerator.gather(padded.to(accelerator.device)).cpu()[:num_samples]
+        rewards_NF, scores_N, lengths_N = everything[:, :-2], everything[:, -2], everything[:, -1]
     finite = scores_N[torch.isfinite(scores_N)]
     result = {
         "reward_mean": finite.mean().item() if len(finite) else math.nan,

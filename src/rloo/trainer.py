@@ -565,7 +565,8 @@ def run_evaluation(run: Run, when: str) -> dict | None:
     if run.eval_dataset is None or run.cfg.num_eval_samples == 0:
         return None
     policy = run.accelerator.unwrap_model(run.policy)
-    result = evaluate(policy, run.tokenizer, run.eval_dataset, run.sources, run.cfg, run.cfg.num_eval_samples)
+    result = evaluate(policy, run.tokenizer, run.eval_dataset, run.sources, run.cfg, run.cfg.num_eval_samples,
+                      accelerator=run.accelerator)
     policy.train()
     if run.accelerator.is_main_process:
         logger.info("held-out reward %s training: %.4f", when, result["reward_mean"])
