@@ -27,7 +27,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -280,8 +280,6 @@ def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _split_rollout(rollout) -> tuple[dict[str, torch.Tensor], dict]:
-    from dataclasses import fields
-
     tensors, rest = {}, {}
     for f in fields(rollout):
         value = getattr(rollout, f.name)
