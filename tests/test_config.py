@@ -17,6 +17,7 @@ FIELD_NAMES = [
     "dataset_name", "dataset_train_split", "dataset_eval_split", "shuffle_dataset", "max_prompt_length", "num_eval_samples",
     # generation
     "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "share_prompt_prefix",
+    "ds3_gather_for_generation",
     # reward
     "reward_funcs", "reward_weights", "reward_model_name_or_path", "reward_model_append_eos", "missing_eos_penalty",
     # objective

@@ -32,19 +32,32 @@ def cli_args(values: dict) -> list[str]:
     return args
 
 
-def torchrun(num_processes: int, model_dir: Path, out: Path, **overrides) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node N -m rloo train`` with tiny_config's values (per process batch)."""
-    cfg = tiny_config(model_dir, out, **{**COMMON, **overrides})
-    values = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("preset",)}
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def torchrun(num_processes: int, model_dir: Path, out: Path, *, launcher: list[str] | None = None,
+             **overrides) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m rloo train`` with tiny_config's values (per process batch);
+    ``launcher``: another launch command before ``-m rloo train`` (``accelerate launch ...``)."""
+    cfg = tiny_config(model_dir, out, **{**COMMON, **overrides})
+    values = {k: v for k, v in cfg.to_dict().items() if v is not None and k not in ("preset",)}
+    launcher = launcher or ["-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
+                            "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(num_processes),
-                           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "rloo", "train",
-                           *cli_args(values)], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, *launcher, "-m", "rloo", "train", *cli_args(values)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def accelerate_launch(config: str, num_processes: int) -> list[str]:
+    """The launcher for ``accelerate launch --config_file configs/accelerate/<config>.yaml``."""
+    path = Path(__file__).parents[1] / "configs" / "accelerate" / f"{config}.yaml"
+    return ["-m", "accelerate.commands.launch", "--config_file", str(path), "--num_processes", str(num_processes),
+            "--main_process_port", str(free_port())]
 
 
 def rewards_of(run: Path) -> list[dict]:
@@ -118,3 +131,11 @@ def test_a_reward_error_on_one_process_stops_every_process_with_a_checkpoint(tin
                  reward_weights=None, save_steps=0)
     assert "rank 1 cannot score this" in str(info.value) and "another process" in str(info.value)
     assert committed_checkpoints(out)[-1].name == "step-000001"  # the state before the failing step 2
+
+
+def test_fsdp_config_on_cpus_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    """accelerate runs FSDP only on GPUs and would silently run DDP here: rloo says so instead."""
+    with pytest.raises(AssertionError) as info:
+        torchrun(2, tiny_model_dir, tmp_path / "run", launcher=accelerate_launch("fsdp", 2), per_device_train_batch_size=4)
+    assert "rloo train: error: accelerate config: FSDP runs on GPUs only" in str(info.value)
+    assert not (tmp_path / "run").exists()

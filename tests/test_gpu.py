@@ -1,7 +1,9 @@
 """gpu-marked: the shared-prompt equivalences and a short run on a CUDA device (skipped elsewhere).
 
 The same checks as the CPU tests (test_models.py, test_rewards.py, test_train_e2e.py), on the GPU's
-own kernels: float32 and bfloat16 log-probs and gradients, shared vs repeated, and generation.
+own kernels: float32 and bfloat16 log-probs and gradients, shared vs repeated, and generation; and
+the strategies accelerate runs only on GPUs (FSDP2, DeepSpeed ZeRO-2/3) started on one GPU with a
+reference and a reward model, against the plain run.
 """
 
 import pytest
@@ -71,3 +73,49 @@ def test_torchrun_on_one_gpu_equals_the_plain_run(tiny_model_dir, tmp_path):
     ddp = tmp_path / "ddp"
     torchrun(1, tiny_model_dir, ddp, per_device_train_batch_size=4)
     assert max_difference(plain, ddp) <= 1e-4
+
+
+STRATEGY_RUN = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, save_steps=0, num_eval_samples=3)
+
+
+def plain_run(tiny_model_dir, reward_dir, out):
+    from test_distributed import COMMON
+    from test_train_e2e import tiny_config
+
+    from rloo import train
+
+    return train(tiny_config(tiny_model_dir, out, reward_model_name_or_path=str(reward_dir), reward_weights=None,
+                             **{**COMMON, **STRATEGY_RUN})).output_dir
+
+
+@pytest.mark.parametrize("gather", [True, False])
+def test_fsdp2_on_one_gpu_trains_like_the_plain_run(tiny_model_dir, tiny_policy_reward_model_dir, tmp_path, gather):
+    """configs/accelerate/fsdp.yaml on one process: policy, reference and reward model sharded (a group
+    of one), generation gathered once or layer by layer; the same parameters as without FSDP."""
+    from test_distributed import accelerate_launch, max_difference, rewards_of, torchrun
+
+    plain = plain_run(tiny_model_dir, tiny_policy_reward_model_dir, tmp_path / "plain")
+    fsdp = tmp_path / "fsdp"
+    torchrun(1, tiny_model_dir, fsdp, launcher=accelerate_launch("fsdp", 1), ds3_gather_for_generation=gather,
+             reward_model_name_or_path=str(tiny_policy_reward_model_dir), reward_weights=None, **STRATEGY_RUN)
+    assert max_difference(plain, fsdp) <= 1e-4
+    assert [r["reward"] for r in rewards_of(plain)] == pytest.approx([r["reward"] for r in rewards_of(fsdp)], abs=1e-4)
+    assert (fsdp / "eval.json").is_file()
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_on_one_gpu_starts_and_trains(tiny_model_dir, tiny_policy_reward_model_dir, tmp_path, stage):
+    """configs/accelerate/zero2.yaml / zero3.yaml on one process (bf16, as the configs say): the run
+    completes with a reference and a reward model, changes the weights and writes the run folder."""
+    pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
+    from test_distributed import accelerate_launch, torchrun
+
+    out = tmp_path / stage
+    torchrun(1, tiny_model_dir, out, launcher=accelerate_launch(stage, 1), torch_dtype="bfloat16",
+             reward_model_name_or_path=str(tiny_policy_reward_model_dir), reward_weights=None, **STRATEGY_RUN)
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k].float(), after[k].float()) for k in before)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3 and (out / "eval.json").is_file()

@@ -112,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = load_prompt_dataset(args.dataset or cfg.dataset_name, cfg.dataset_eval_split)
     model = load_policy(cfg.model_name_or_path, cfg.torch_dtype, cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
-    sources = load_rewards(cfg, None, tokenizer, "cpu")
+    sources = load_rewards(cfg, None, tokenizer)
     result = evaluate(model, tokenizer, dataset, sources, cfg, args.num_samples or cfg.num_eval_samples or None,
                       seed=args.eval_seed)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("per_prompt")}))

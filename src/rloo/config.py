@@ -66,6 +66,11 @@ class GenerationArgs:
         True, "Run each prompt once for its k completions (generation, reference and training passes; KV cache "
         "repeated k times). False repeats the prompt k times, as TRL does: the same results, more work."
     )
+    ds3_gather_for_generation: bool = arg(
+        True, "FSDP and DeepSpeed ZeRO-3: gather the policy's full weights once per generation batch (TRL's name). "
+        "False generates layer by layer, every process decoding in step: slower, for a policy that does not fit "
+        "one GPU."
+    )
 
 
 @dataclass

@@ -7,6 +7,7 @@ import math
 import torch
 
 from rloo.data import gather_rows, render_prompt, tokenize_prompts
+from rloo.distributed import gathered_for_generation, lockstep
 from rloo.generation import build_generator, prompt_seeds
 from rloo.models import eos_token_ids, prompt_token_limit
 from rloo.rewards import RewardSources
@@ -21,37 +22,42 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     length, num_prompts and the per-prompt rewards (for paired before/after comparisons).
 
     With an ``accelerator`` of several processes, each scores a contiguous share of the prompts and
-    the per-prompt results are gathered (each prompt's seed is its own, so the figures do not change)."""
+    the per-prompt results are gathered (each prompt's seed is its own, so the figures do not change).
+    Every process scores the same number of prompts (the last shares topped up with prompts from the
+    start, whose results are dropped): under FSDP / ZeRO-3 each forward is a collective."""
     num_samples = min(num_samples or len(dataset), len(dataset))
     processes = accelerator.num_processes if accelerator is not None else 1
     share = -(-num_samples // processes)
     first = share * (accelerator.process_index if accelerator is not None else 0)
-    mine = range(min(first, num_samples), min(first + share, num_samples))
-    generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer))
+    mine = [row % num_samples for row in range(first, first + share)] if processes > 1 and num_samples else range(num_samples)
+    num_mine = max(0, min(share, num_samples - first))  # the rows of this share that are not top-up
+    gather = cfg.ds3_gather_for_generation
+    generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer), lockstep(accelerator, gather))
     device = next(model.parameters()).device
     limit = prompt_token_limit(model, cfg.max_prompt_length, cfg.max_completion_length)
     rewards, scores, lengths = [], [], []
     # A fixed seed makes "before" and "after" draw the same random numbers, so their difference is paired.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        for start in range(mine.start, mine.stop, batch_size):
-            indices = list(range(start, min(start + batch_size, mine.stop)))
+        for start in range(0, len(mine), batch_size):
+            indices = list(mine[start : start + batch_size])
             prompts, columns = gather_rows(dataset, indices)
             texts = [render_prompt(p, tokenizer) for p in prompts]
             prompt_ids = tokenize_prompts(texts, tokenizer, limit, warn=False).input_ids
-            rollout = score(sample(generator, tokenizer, texts, prompt_ids, columns, 1, device,
-                                   prompt_seeds(seed, 0, indices)), sources, cfg.missing_eos_penalty)
+            with gathered_for_generation(accelerator, model, gather):
+                rollout = sample(generator, tokenizer, texts, prompt_ids, columns, 1, device,
+                                 prompt_seeds(seed, 0, indices))
+            rollout = score(rollout, sources, cfg.missing_eos_penalty)
             rewards.append(rollout.rewards_BF.cpu())
             scores.append(rollout.scores_B.cpu())
             lengths.append(rollout.completion_mask_BT.sum(1).float().cpu())
     rewards_NF = torch.cat(rewards) if rewards else torch.zeros(0, len(sources.names))
     scores_N = torch.cat(scores) if scores else torch.zeros(0)
     lengths_N = torch.cat(lengths) if lengths else torch.zeros(0)
-    if processes > 1:  # pad every share to the same length (NaN), gather in rank order, drop the padding
-        pad = share - len(scores_N)
-        padded = torch.cat([torch.cat([rewards_NF, scores_N[:, None], lengths_N[:, None]], 1),
-                            torch.full((pad, rewards_NF.shape[1] + 2), float("nan"))])
-        everything = accelerator.gather(padded.to(accelerator.device)).cpu()[:num_samples]
+    if processes > 1:  # every share has the same length: gather in rank order, drop the top-up rows
+        table = torch.cat([rewards_NF, scores_N[:, None], lengths_N[:, None]], 1)
+        table[num_mine:] = float("nan")
+        everything = accelerator.gather(table.to(accelerator.device)).cpu()[:num_samples]
         rewards_NF, scores_N, lengths_N = everything[:, :-2], everything[:, -2], everything[:, -1]
     finite = scores_N[torch.isfinite(scores_N)]
     result = {

@@ -319,11 +319,20 @@ class HiddenStates:
 def _plain_output_head(model, hidden_P1D: torch.Tensor, logits_P1V: torch.Tensor) -> torch.nn.Linear | None:
     """The output embedding, if the model's logits are exactly that layer applied to its final hidden
     states (not so with logit soft-capping or scaling, as Gemma 2 or Cohere do); else None."""
-    head = getattr(model, "module", model).get_output_embeddings()
+    root = getattr(model, "module", model)
+    head = root.get_output_embeddings()
     if not isinstance(head, torch.nn.Linear) or head.weight.numel() != head.in_features * head.out_features:
-        return None  # not a plain layer, or its weight is sharded (FSDP, ZeRO-3) outside the model's forward
+        return None  # not a plain layer, or its weight is partitioned (ZeRO-3) outside the model's forward
+    if _is_fsdp(root) or _is_fsdp(head):
+        return None  # FSDP reduces a unit's gradients when its own backward ends, not after ours outside it
     with torch.no_grad():
         return head if torch.allclose(head(hidden_P1D), logits_P1V, rtol=1e-4, atol=1e-5) else None
+
+
+def _is_fsdp(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
 
 
 def _takes_4d_masks(model) -> bool:

@@ -47,15 +47,16 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def save_run_folder(run, summary: dict | None) -> None:
-    """Weights (safetensors), config, tokenizer, generation config, resolved YAML, eval.json, README.md."""
+def save_run_folder(run, summary: dict | None, state_dict: dict | None = None) -> None:
+    """Weights (safetensors), config, tokenizer, generation config, resolved YAML, eval.json, README.md.
+    ``state_dict``: the policy's weights when gathered from shards (FSDP / ZeRO-3), else its own."""
     cfg, out = run.cfg, run.output_dir
     model = run.accelerator.unwrap_model(run.policy)
     gen = model.generation_config
     gen.do_sample, gen.temperature, gen.max_new_tokens = True, cfg.temperature, cfg.max_completion_length
     gen.top_p, gen.top_k = cfg.top_p, (cfg.top_k or None)
     gen.eos_token_id, gen.pad_token_id = run.generator.eos_token_ids, run.tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
+    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     run.tokenizer.save_pretrained(out)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if summary is not None:

@@ -37,6 +37,8 @@ from rloo.checkpoint import (COMMIT_MARKER, REFERENCE, TrainState, capture_rng, 
                              remove_checkpoint, resolve_resume_path, restore_rng, rollout_fields, save_checkpoint,
                              save_reference)
 from rloo.config import RLOOConfig, load_config, validate
+from rloo.distributed import (checkpointable, full_state_dict, gathered_for_generation, lockstep, prepare_frozen,
+                              setup_strategy)
 from rloo.data import PromptSampler, gather_rows, load_prompt_dataset, render_prompt, tokenize_prompts
 from rloo.evaluate import evaluate, paired_gain
 from rloo.generation import Generator, build_generator, prompt_seeds
@@ -45,6 +47,7 @@ from rloo.models import (completion_logprobs, disable_dropout, eos_token_ids, fr
                          load_tokenizer, prompt_token_limit, resolve_model_path)
 from rloo.errors import CheckpointError, NonFiniteTrainingError, RewardFunctionError, TrainingInterrupted
 from rloo.rewards import RewardSources, build_rewards
+from rloo.rewards.model import RewardModel
 from rloo.rollout import Rollout, add_advantages, add_logprobs, sample, score
 from rloo.run_folder import save_run_folder
 
@@ -144,8 +147,9 @@ def _train(run: Run) -> TrainResult:
     eval_after = run_evaluation(run, "after")
     stop_if_asked(run, state)  # a signal during the last evaluation: resuming redoes only the evaluation
     summary = summarize(state.eval_before, eval_after)
+    weights = full_state_dict(run.accelerator, run.policy)  # gathered from the shards by every process
     if run.accelerator.is_main_process:  # phase 6
-        save_run_folder(run, summary)
+        save_run_folder(run, summary, weights)
     run.accelerator.wait_for_everyone()  # the run folder is complete when train() returns, on every process
     return TrainResult(run.output_dir, state.eval_before, eval_after, history, cfg)
 
@@ -269,7 +273,12 @@ def snapshot(run: Run, state: TrainState) -> TrainState:
 
 def save(run: Run, state: TrainState) -> Path | None:
     """A committed checkpoint of ``state`` (every process's, gathered) with the current weights and
-    optimizer; written by the main process while the others wait."""
+    optimizer; written by the main process while the others wait. None (and a warning) under FSDP /
+    DeepSpeed, whose optimizer state is sharded (distributed.checkpointable)."""
+    if not checkpointable(run.accelerator):
+        logger.warning("no checkpoint at step %d: FSDP / DeepSpeed shard the optimizer state, which rloo's "
+                       "checkpoints do not hold", state.step)
+        return None
     states = [state]
     if run.accelerator.num_processes > 1:
         states = [None] * run.accelerator.num_processes
@@ -395,12 +404,13 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     validate(cfg)  # config errors before any data or model is touched
     # cpu=True without CUDA: then torchrun / `accelerate launch --multi_gpu` processes form a gloo group.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
     train_dataset, eval_dataset = load_datasets(cfg, train_dataset, eval_dataset)
     sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
     policy, tokenizer, start_model = load_model(cfg, model, tokenizer)
     set_seed(cfg.seed)  # after loading: a first run that builds the tiny policy samples like every later run
-    sources = load_rewards(cfg, rewards, tokenizer, accelerator.device)
-    reference = frozen_copy(policy).to(accelerator.device) if cfg.beta > 0 else None
+    sources = load_rewards(cfg, rewards, tokenizer)  # a reward model is placed after the policy (prepare_frozen)
+    reference = frozen_copy(policy) if cfg.beta > 0 else None  # copied before the policy is sharded
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     # transformers' "constant" ignores warm-up; its "constant_with_warmup" is what a warm-up ratio asks for.
@@ -409,8 +419,14 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
                               num_training_steps=sizes.max_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.train()
+    if reference is not None:  # sharded like the policy under FSDP / ZeRO-3, else a whole copy on the device
+        reference = prepare_frozen(accelerator, reference)
+    for fn in sources.fns:
+        if isinstance(fn, RewardModel):
+            fn.model, fn.device = prepare_frozen(accelerator, fn.model), accelerator.device
     unwrapped = accelerator.unwrap_model(policy)
-    generator = build_generator(cfg, unwrapped, tokenizer, eos_token_ids(unwrapped, tokenizer))
+    generator = build_generator(cfg, unwrapped, tokenizer, eos_token_ids(unwrapped, tokenizer),
+                                all_done=lockstep(accelerator, cfg.ds3_gather_for_generation))
     sampler = PromptSampler(len(train_dataset), sizes.num_prompts_per_process, cfg.seed,
                             accelerator.process_index, accelerator.num_processes, cfg.shuffle_dataset)
     output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -425,11 +441,11 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
                prompt_limit=prompt_token_limit(unwrapped, cfg.max_prompt_length, cfg.max_completion_length))
 
 
-def load_rewards(cfg: RLOOConfig, rewards, tokenizer, device) -> RewardSources:
+def load_rewards(cfg: RLOOConfig, rewards, tokenizer) -> RewardSources:
     """The run's reward sources; a reward model scores the policy's token ids when it shares the
     policy's vocabulary, each prompt once per group when ``share_prompt_prefix`` (RewardModel)."""
     return build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
-                         cfg.reward_model_name_or_path, device=device,
+                         cfg.reward_model_name_or_path, device="cpu",
                          reward_model_kwargs={"append_eos": cfg.reward_model_append_eos, "policy_tokenizer": tokenizer,
                                               "share_prompt": cfg.share_prompt_prefix})
 
@@ -485,9 +501,10 @@ def sample_rollout(run: Run, rows: list[int], step: int) -> Rollout:
                        "max_completion_length) are left-truncated: their end, with the question, is kept; the "
                        "running count is the metric num_truncated_prompts", run.prompt_limit)
     run.counters["num_truncated_prompts"] += tokenized.num_truncated
-    prompt_ids = tokenized.input_ids
-    return sample(run.generator, run.tokenizer, texts, prompt_ids, columns, run.cfg.num_generations,
-                  run.accelerator.device, prompt_seeds(run.cfg.seed, step, rows))
+    with gathered_for_generation(run.accelerator, run.accelerator.unwrap_model(run.policy),
+                                 run.cfg.ds3_gather_for_generation):
+        return sample(run.generator, run.tokenizer, texts, tokenized.input_ids, columns, run.cfg.num_generations,
+                      run.accelerator.device, prompt_seeds(run.cfg.seed, step, rows))
 
 
 def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
@@ -506,6 +523,7 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
     for index, mb in enumerate(micro_batches):
         # Across processes, gradients are averaged once, after the step's last micro-batch (DDP no_sync).
         last = index == len(micro_batches) - 1
+        run.accelerator.sync_gradients = last  # DeepSpeed steps its optimizer in the backward that syncs
         with contextlib.nullcontext() if last else run.accelerator.no_sync(run.policy):
             loss, entropy_BT, loss_metrics = micro_batch_loss(run, mb, num_sequences)
             run.accelerator.backward(loss)
@@ -517,8 +535,10 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         kl_B.append(mb.kl_B if mb.kl_B is not None else torch.zeros(mb_size, device=mb.scores_B.device))
         advantages_B.append(mb.advantages_B)
     grad_norm = run.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.max_grad_norm or math.inf)
+    grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed: its norm (None before a step)
     # A non-finite loss or gradient would poison the weights and Adam's moments: skip the update (counted).
-    skipped = not (math.isfinite(totals["loss"]) and math.isfinite(float(grad_norm)))
+    # (Under DeepSpeed the update already happened inside the last backward: only counted.)
+    skipped = not (math.isfinite(totals["loss"]) and math.isfinite(grad_norm))
     if run.accelerator.num_processes > 1:  # every process skips, or none does
         flag = torch.tensor([skipped], dtype=torch.int32, device=run.accelerator.device)
         skipped = bool(run.accelerator.reduce(flag, "max").item())
@@ -535,7 +555,7 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         "entropy": totals["entropy"] / max(totals["num_tokens"], 1.0),
         "entropy_sum": totals["entropy"],
         "num_tokens": totals["num_tokens"],
-        "grad_norm": float(grad_norm) if not skipped else None,
+        "grad_norm": grad_norm if not skipped else None,
         "skipped": skipped,
         "advantages_B": torch.cat(advantages_B).detach(),
     }

@@ -47,8 +47,9 @@ def prompt_seeds(seed: int, step: int, rows: list[int]) -> list[int]:
     return [(seed * 1_000_003 + step) * 1_000_033 + row for row in rows]
 
 
-def build_generator(cfg, model, tokenizer, eos_token_ids: list[int]) -> Generator:
-    """The generation backend for ``cfg`` (transformers for now)."""
+def build_generator(cfg, model, tokenizer, eos_token_ids: list[int], all_done=None) -> Generator:
+    """The generation backend for ``cfg`` (transformers for now). ``all_done(done_here) -> bool``: given
+    when the processes must decode in step (distributed.lockstep)."""
     from rloo.generation.hf import HFGenerator
 
     return HFGenerator(
@@ -60,4 +61,5 @@ def build_generator(cfg, model, tokenizer, eos_token_ids: list[int]) -> Generato
         top_p=cfg.top_p,
         top_k=cfg.top_k,
         share_prompt=cfg.share_prompt_prefix,
+        all_done=all_done,
     )

@@ -11,6 +11,8 @@ decoding gives exactly ``generate``'s tokens (a test).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
                                                     TopPLogitsWarper)
@@ -23,8 +25,11 @@ from rloo.models import SharedPrefill, prefill_shared
 class HFGenerator:
     def __init__(self, model, *, pad_token_id: int, eos_token_ids: list[int], max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
-                 share_prompt: bool = True):
+                 share_prompt: bool = True, all_done: Callable[[bool], bool] | None = None):
         self.model = model
+        # Several processes over a sharded policy whose weights are not gathered: each forward is a collective,
+        # so every process decodes until all are done (distributed.lockstep).
+        self.all_done = all_done
         self.pad_token_id = pad_token_id
         self.eos_token_ids = eos_token_ids
         self.max_new_tokens = max_new_tokens
@@ -79,7 +84,10 @@ class HFGenerator:
             next_B = torch.where(unfinished_B, next_B, self.pad_token_id)
             tokens.append(next_B)
             unfinished_B &= ~torch.isin(next_B, eos_E)
-            if not unfinished_B.any() or step == self.max_new_tokens - 1:
+            done = not unfinished_B.any()
+            if self.all_done is not None:
+                done = self.all_done(done)
+            if done or step == self.max_new_tokens - 1:
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             out = self.model(input_ids=next_B[:, None], attention_mask=attention_mask, position_ids=position_B[:, None],
