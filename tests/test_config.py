@@ -17,7 +17,8 @@ FIELD_NAMES = [
     "dataset_name", "dataset_train_split", "dataset_eval_split", "shuffle_dataset", "max_prompt_length", "num_eval_samples",
     # generation
     "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "share_prompt_prefix",
-    "ds3_gather_for_generation",
+    "ds3_gather_for_generation", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
+    "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
     # reward
     "reward_funcs", "reward_weights", "reward_model_name_or_path", "reward_model_append_eos", "missing_eos_penalty",
     # objective

@@ -1,4 +1,4 @@
-"""``rloo train | eval | generate``: options are config field names, as TRL users type them."""
+"""``rloo train | eval | generate | vllm-serve``: options are config field names, as TRL users type them."""
 
 from __future__ import annotations
 
@@ -143,6 +143,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vllm_serve(args: argparse.Namespace) -> int:
+    import torch
+
+    from rloo.generation.vllm import serve
+    from rloo.models import resolve_model_path
+
+    serve(resolve_model_path(args.model), args.host, args.port, tensor_parallel_size=args.tensor_parallel_size,
+          data_parallel_size=args.data_parallel_size,
+          gpu_memory_utilization=args.gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.3),
+          dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rloo", description="Fine-tune causal LMs with RLOO (REINFORCE Leave-One-Out).")
     commands = parser.add_subparsers(dest="command")
@@ -162,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.7, help="Sampling temperature (0 = greedy).")
     generate.add_argument("--seed", type=int, default=0, help="Sampling seed.")
     generate.add_argument("--trust_remote_code", action="store_true", help="Allow model code from the hub to run.")
+    serve = commands.add_parser("vllm-serve", help="Serve generation with vLLM for `rloo train --use_vllm true "
+                                "--vllm_mode server` (weights pushed by the trainer).", allow_abbrev=False)
+    serve.add_argument("--model", required=True, help="The policy to start from (folder, hub id or rloo:tldr-tiny-sft).")
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    serve.add_argument("--port", type=int, default=8000, help="Port to listen on.")
+    serve.add_argument("--tensor_parallel_size", type=int, default=1, help="GPUs per engine.")
+    serve.add_argument("--data_parallel_size", type=int, default=1, help="Engines; each request's prompts are split over them.")
+    serve.add_argument("--gpu_memory_utilization", type=float, default=None,
+                       help="Share of each GPU's memory an engine reserves (on a CPU: of its NUMA node's memory); "
+                       "default 0.9 on a GPU, 0.3 on a CPU.")
+    serve.add_argument("--dtype", default="auto", help="Weights dtype (auto, float32, bfloat16, float16).")
+    serve.add_argument("--max_model_len", type=int, default=None, help="Longest prompt + completion (default: the model's).")
+    serve.add_argument("--seed", type=int, default=0, help="Engine seed (requests carry their own).")
     return parser
 
 
@@ -172,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parse_known_strict(parser, argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "vllm-serve": cmd_vllm_serve}
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as err:

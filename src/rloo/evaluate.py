@@ -16,7 +16,7 @@ from rloo.rollout import sample, score
 
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples: int | None = None,
-             seed: int = 1234, batch_size: int = 50, accelerator=None) -> dict:
+             seed: int = 1234, batch_size: int = 50, accelerator=None, generator=None) -> dict:
     """Score one completion (sampled at the training temperature, fixed seed) for each of the first
     ``num_samples`` prompts of ``dataset``. Returns reward_mean/std, per-source means, completion
     length, num_prompts and the per-prompt rewards (for paired before/after comparisons).
@@ -32,7 +32,8 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     mine = [row % num_samples for row in range(first, first + share)] if processes > 1 and num_samples else range(num_samples)
     num_mine = max(0, min(share, num_samples - first))  # the rows of this share that are not top-up
     gather = cfg.ds3_gather_for_generation
-    generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer), lockstep(accelerator, gather))
+    if generator is None:  # the run's own generator when given (a vLLM engine is not started twice)
+        generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer), lockstep(accelerator, gather))
     device = next(model.parameters()).device
     limit = prompt_token_limit(model, cfg.max_prompt_length, cfg.max_completion_length)
     rewards, scores, lengths = [], [], []

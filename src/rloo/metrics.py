@@ -46,6 +46,9 @@ def step_metrics(step: int, samples: dict[str, torch.Tensor], k: int, sources, u
         "num_unscorable": int((~torch.isfinite(scores_B)).sum()),
         "num_nonfinite_rewards": int((~torch.isfinite(samples["rewards_BF"])).sum()),  # None/NaN/inf/isolated errors
         "advantage_abs_mean": samples["advantages_B"].abs().mean().item(),
+        # mean |log pi_vLLM - log pi_train| per completion token (null with the transformers backend): a large gap
+        # means the ratio is off 1 on-policy and clipping acts silently (bf16 kernels, a stale weight sync).
+        "sampling_logprob_gap": (samples["logprob_gap_sum_B"].sum() / samples["lengths_B"].sum().clamp(min=1)).item(),
         "loss": update["loss"],
         "clip_ratio": update["clip_ratio"],
         "grad_norm": update["grad_norm"],

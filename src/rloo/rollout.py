@@ -34,6 +34,7 @@ class Rollout:
     old_logprobs_BT: torch.Tensor | None = None  # float, sampling policy; None when taken from the training forward
     kl_B: torch.Tensor | None = None  # float, sequence KL(old || ref)
     advantages_B: torch.Tensor | None = None  # float
+    sampler_logprobs_BT: torch.Tensor | None = None  # float, the sampling engine's own (vLLM); for a metric only
 
     @property
     def num_generations(self) -> int:
@@ -70,7 +71,7 @@ class Rollout:
             completion_ids_BT=self.completion_ids_BT[:, :completion_width],
             completion_mask_BT=self.completion_mask_BT[:, :completion_width],
         )
-        for name in ("ref_logprobs_BT", "old_logprobs_BT"):
+        for name in ("ref_logprobs_BT", "old_logprobs_BT", "sampler_logprobs_BT"):
             if getattr(out, name) is not None:
                 setattr(out, name, getattr(out, name)[:, :completion_width])
         return out
@@ -95,6 +96,7 @@ def sample(generator: Generator, tokenizer, prompts: list[str], prompt_ids: list
         completion_mask_BT=completions.completion_mask_BT.to(device),
         truncated_B=completions.truncated_B.to(device),
         completions=texts,
+        sampler_logprobs_BT=None if completions.sampler_logprobs_BT is None else completions.sampler_logprobs_BT.to(device),
     )
 
 

@@ -45,7 +45,8 @@ from rloo.generation import Generator, build_generator, prompt_seeds
 from rloo.metrics import MetricsWriter, step_metrics, timed
 from rloo.models import (completion_logprobs, disable_dropout, eos_token_ids, frozen_copy, load_policy,
                          load_tokenizer, prompt_token_limit, resolve_model_path)
-from rloo.errors import CheckpointError, NonFiniteTrainingError, RewardFunctionError, TrainingInterrupted
+from rloo.errors import (CheckpointError, GenerationServerError, NonFiniteTrainingError, RewardFunctionError,
+                         TrainingInterrupted)
 from rloo.rewards import RewardSources, build_rewards
 from rloo.rewards.model import RewardModel
 from rloo.rollout import Rollout, add_advantages, add_logprobs, sample, score
@@ -105,8 +106,11 @@ def train(
     of the state before the failing step and raise."""
     cfg = copy.deepcopy(config) if config is not None else load_config()
     run = setup(cfg, model, tokenizer, rewards, train_dataset, eval_dataset)
-    with stop_on_signals(run):
-        return _train(run)
+    try:
+        with stop_on_signals(run):
+            return _train(run)
+    finally:
+        run.generator.close()  # a vLLM engine's processes
 
 
 def _train(run: Run) -> TrainResult:
@@ -126,7 +130,7 @@ def _train(run: Run) -> TrainResult:
             before = snapshot(run, state)  # where this step starts: saved if the step fails
             try:
                 metrics = training_step(run, state, step)
-            except (RewardFunctionError, NonFiniteTrainingError) as err:
+            except (RewardFunctionError, NonFiniteTrainingError, GenerationServerError) as err:
                 where = save(run, before)
                 raise type(err)(f"step {step}: {err}; the state before this step is saved in {where}") from err
             history.append(metrics)  # phase 5
@@ -245,7 +249,7 @@ def across_processes(run: Run, rollout: Rollout, update: dict) -> tuple[dict[str
     samples = {
         "scores_B": rollout.scores_B, "rewards_BF": rollout.rewards_BF, "kl_B": rollout.kl_B,
         "lengths_B": rollout.completion_mask_BT.sum(1), "truncated_B": rollout.truncated_B,
-        "advantages_B": update["advantages_B"],
+        "advantages_B": update["advantages_B"], "logprob_gap_sum_B": update["logprob_gap_sum_B"],
     }
     if run.accelerator.num_processes == 1:
         return samples, update
@@ -367,6 +371,7 @@ def resume(run: Run) -> TrainState:
             if int(newer.name.split("-")[1]) > meta["step"]:
                 logger.warning("removing %s: the run continues from the earlier %s", newer, path.name)
                 remove_checkpoint(newer)
+    run.generator.load_weights(run.accelerator.unwrap_model(run.policy))  # a vLLM engine: the checkpoint's weights
     run.accelerator.wait_for_everyone()
     logger.info("resumed from %s (step %d)", path, meta["step"])
     return TrainState(step=meta["step"], rollout=rollout, eval_before=meta["eval_before"])
@@ -518,7 +523,7 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
     cfg, sizes = run.cfg, run.cfg.sizes
     num_sequences = rollout.completion_ids_BT.shape[0]
     totals = {"loss": 0.0, "clip_ratio": 0.0, "entropy": 0.0, "num_tokens": 0.0}
-    kl_B, advantages_B = [], []
+    kl_B, advantages_B, gap_B = [], [], []
     micro_batches = list(rollout.micro_batches(sizes.num_prompts_per_micro_batch))
     for index, mb in enumerate(micro_batches):
         # Across processes, gradients are averaged once, after the step's last micro-batch (DDP no_sync).
@@ -534,6 +539,7 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         totals["num_tokens"] += mb.completion_mask_BT.sum().item()
         kl_B.append(mb.kl_B if mb.kl_B is not None else torch.zeros(mb_size, device=mb.scores_B.device))
         advantages_B.append(mb.advantages_B)
+        gap_B.append(loss_metrics.get("logprob_gap_sum_B", torch.full((mb_size,), math.nan, device=mb.scores_B.device)))
     grad_norm = run.accelerator.clip_grad_norm_(run.policy.parameters(), cfg.max_grad_norm or math.inf)
     grad_norm = math.nan if grad_norm is None else float(grad_norm)  # DeepSpeed: its norm (None before a step)
     # A non-finite loss or gradient would poison the weights and Adam's moments: skip the update (counted).
@@ -558,6 +564,7 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         "grad_norm": grad_norm if not skipped else None,
         "skipped": skipped,
         "advantages_B": torch.cat(advantages_B).detach(),
+        "logprob_gap_sum_B": torch.cat(gap_B),
     }
 
 
@@ -578,6 +585,9 @@ def micro_batch_loss(run: Run, mb: Rollout, num_sequences: int) -> tuple[torch.T
         logprobs_BT, old_logprobs_BT, mb.advantages_B, loss_mask_BT, num_sequences,
         cfg.epsilon, cfg.epsilon_high if cfg.epsilon_high is not None else cfg.epsilon,
     )
+    if mb.sampler_logprobs_BT is not None:  # vLLM's log-probs against the training model's, per completion
+        gap_BT = (mb.sampler_logprobs_BT - old_logprobs_BT).abs() * mb.completion_mask_BT
+        loss_metrics["logprob_gap_sum_B"] = gap_BT.sum(1).detach()
     return loss, entropy_BT, loss_metrics
 
 
@@ -586,7 +596,7 @@ def run_evaluation(run: Run, when: str) -> dict | None:
         return None
     policy = run.accelerator.unwrap_model(run.policy)
     result = evaluate(policy, run.tokenizer, run.eval_dataset, run.sources, run.cfg, run.cfg.num_eval_samples,
-                      accelerator=run.accelerator)
+                      accelerator=run.accelerator, generator=run.generator)
     policy.train()
     if run.accelerator.is_main_process:
         logger.info("held-out reward %s training: %.4f", when, result["reward_mean"])

@@ -21,6 +21,7 @@ class Completions:
     completion_ids_BT: torch.Tensor  # long, right padded; tokens up to and including the first EOS
     completion_mask_BT: torch.Tensor  # long, 1 on real tokens (EOS included), 0 on padding
     truncated_B: torch.Tensor  # bool, True where no EOS came within max_completion_length
+    sampler_logprobs_BT: torch.Tensor | None = None  # float, the sampler's log-prob of each token (vLLM); 0 on padding
 
 
 class Generator(Protocol):
@@ -28,6 +29,8 @@ class Generator(Protocol):
                  seeds: list[int] | None = None) -> Completions: ...
 
     def load_weights(self, model: torch.nn.Module) -> None: ...
+
+    def close(self) -> None: ...
 
 
 def cut_at_eos(sequences_BT: torch.Tensor, eos_token_ids: list[int], pad_token_id: int) -> Completions:
@@ -48,8 +51,13 @@ def prompt_seeds(seed: int, step: int, rows: list[int]) -> list[int]:
 
 
 def build_generator(cfg, model, tokenizer, eos_token_ids: list[int], all_done=None) -> Generator:
-    """The generation backend for ``cfg`` (transformers for now). ``all_done(done_here) -> bool``: given
+    """The generation backend for ``cfg``: the training model itself (transformers), or vLLM colocated
+    or behind ``rloo vllm-serve`` (``use_vllm``, ``vllm_mode``). ``all_done(done_here) -> bool``: given
     when the processes must decode in step (distributed.lockstep)."""
+    if cfg.use_vllm:
+        from rloo.generation.vllm import build_vllm_generator
+
+        return build_vllm_generator(cfg, model, tokenizer, eos_token_ids)
     from rloo.generation.hf import HFGenerator
 
     return HFGenerator(

@@ -98,6 +98,9 @@ class HFGenerator:
     def load_weights(self, model: torch.nn.Module) -> None:
         """Nothing to do: this backend samples from the training model itself."""
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 def sample_categorical(probs_BV: torch.Tensor, generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """One draw per row from the categorical distribution ``probs_BV`` (rows need not sum to 1).
