@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu_memory_utilization", type=float, default=None,
                        help="Share of each GPU's memory an engine reserves (on a CPU: of its NUMA node's memory); "
                        "default 0.9 on a GPU, 0.3 on a CPU.")
-    serve.add_argument("--dtype", default="auto", help="Weights dtype (auto, float32, bfloat16, float16).")
+    serve.add_argument("--dtype", default="auto", help="Weights dtype (float32, bfloat16, float16); auto: the "
+                       "model's own (its config.json), as the trainer holds it.")
     serve.add_argument("--max_model_len", type=int, default=None, help="Longest prompt + completion (default: the model's).")
     serve.add_argument("--seed", type=int, default=0, help="Engine seed (requests carry their own).")
     return parser

@@ -77,6 +77,16 @@ class Run:
         ("num_truncated_prompts", "num_reward_errors", "num_nonfinite_steps", "consecutive_nonfinite_steps"), 0))
     stop_signal: int | None = None  # set by SIGINT / SIGTERM
     prompt_limit: int | None = None  # max_prompt_length, lowered to fit the model's context (models.prompt_token_limit)
+    generator_stale: bool = False  # the policy changed since the generator last took its weights
+
+
+def sync_generator(run: Run) -> None:
+    """Give the generator the policy's weights if they changed since it last took them (a vLLM engine;
+    nothing for the transformers backend). Called before generating, so that a failed push (an
+    unreachable server) happens before the step changes anything, and only once per generation batch."""
+    if run.generator_stale:
+        run.generator.load_weights(run.accelerator.unwrap_model(run.policy))
+        run.generator_stale = False
 
 
 @dataclass
@@ -371,7 +381,7 @@ def resume(run: Run) -> TrainState:
             if int(newer.name.split("-")[1]) > meta["step"]:
                 logger.warning("removing %s: the run continues from the earlier %s", newer, path.name)
                 remove_checkpoint(newer)
-    run.generator.load_weights(run.accelerator.unwrap_model(run.policy))  # a vLLM engine: the checkpoint's weights
+    run.generator_stale = True  # a vLLM engine gets the checkpoint's weights before it next generates
     run.accelerator.wait_for_everyone()
     logger.info("resumed from %s (step %d)", path, meta["step"])
     return TrainState(step=meta["step"], rollout=rollout, eval_before=meta["eval_before"])
@@ -498,6 +508,7 @@ def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any,
 
 def sample_rollout(run: Run, rows: list[int], step: int) -> Rollout:
     """Phase 1 for one batch of prompt rows: render, tokenize (left-truncate), sample k each."""
+    sync_generator(run)
     prompts, columns = gather_rows(run.train_dataset, rows)
     texts = [render_prompt(p, run.tokenizer) for p in prompts]
     tokenized = tokenize_prompts(texts, run.tokenizer, run.prompt_limit, warn=False)
@@ -552,7 +563,7 @@ def policy_update(run: Run, rollout: Rollout) -> dict[str, float]:
         run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.generator.load_weights(run.accelerator.unwrap_model(run.policy))
+    run.generator_stale = True
     if rollout.kl_B is None:
         rollout.kl_B = torch.cat(kl_B).detach()
     return {
@@ -594,6 +605,7 @@ def micro_batch_loss(run: Run, mb: Rollout, num_sequences: int) -> tuple[torch.T
 def run_evaluation(run: Run, when: str) -> dict | None:
     if run.eval_dataset is None or run.cfg.num_eval_samples == 0:
         return None
+    sync_generator(run)
     policy = run.accelerator.unwrap_model(run.policy)
     result = evaluate(policy, run.tokenizer, run.eval_dataset, run.sources, run.cfg, run.cfg.num_eval_samples,
                       accelerator=run.accelerator, generator=run.generator)

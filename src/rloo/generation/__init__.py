@@ -1,7 +1,7 @@
 """Generation backends behind one small protocol; ``build_generator`` is the only place that picks one.
 
-The trainer calls ``generator.generate(prompt_ids, k, seeds)`` and, after each optimizer step,
-``generator.load_weights(model)``; it never branches on the backend. ``seeds`` (one per prompt) make
+The trainer calls ``generator.generate(prompt_ids, k, seeds)`` and, before generating with weights that
+changed since, ``generator.load_weights(model)``; it never branches on the backend. ``seeds`` (one per prompt) make
 a prompt's k samples a function of its seed alone: the same whatever else is in the batch and however
 many processes share the work.
 """

