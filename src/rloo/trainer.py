@@ -440,8 +440,6 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         if isinstance(fn, RewardModel):
             fn.model, fn.device = prepare_frozen(accelerator, fn.model), accelerator.device
     unwrapped = accelerator.unwrap_model(policy)
-    generator = build_generator(cfg, unwrapped, tokenizer, eos_token_ids(unwrapped, tokenizer),
-                                all_done=lockstep(accelerator, cfg.ds3_gather_for_generation))
     sampler = PromptSampler(len(train_dataset), sizes.num_prompts_per_process, cfg.seed,
                             accelerator.process_index, accelerator.num_processes, cfg.shuffle_dataset)
     output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -449,6 +447,9 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     if not cfg.resume_from_checkpoint and committed_checkpoints(output_dir):
         raise ValueError(f"output_dir '{output_dir}' holds checkpoints of an earlier run: continue it with "
                          "--resume_from_checkpoint latest, or choose another output_dir")
+    # Last: a vLLM engine (its processes) or server connection, once every check has passed.
+    generator = build_generator(cfg, unwrapped, tokenizer, eos_token_ids(unwrapped, tokenizer),
+                                all_done=lockstep(accelerator, cfg.ds3_gather_for_generation))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,
