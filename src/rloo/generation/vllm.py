@@ -21,6 +21,7 @@ import json
 import logging
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -29,9 +30,11 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from rloo.data import right_pad
 from rloo.errors import GenerationServerError
 from rloo.generation import Completions, cut_at_eos
 
@@ -143,12 +146,8 @@ class VLLMGenerator:
     def generate(self, prompt_ids: list[list[int]], num_generations: int,
                  seeds: list[int] | None = None) -> Completions:
         tokens, logprobs = self.backend.sample(prompt_ids, num_generations, seeds, self.sampling)
-        width = max(len(row) for row in tokens)
-        ids_BT = torch.full((len(tokens), width), self.pad_token_id, dtype=torch.long)
-        logprobs_BT = torch.zeros(len(tokens), width)
-        for row, (ids, values) in enumerate(zip(tokens, logprobs)):
-            ids_BT[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            logprobs_BT[row, : len(values)] = torch.tensor(values)
+        ids_BT, _ = right_pad(tokens, self.pad_token_id)
+        logprobs_BT = pad_sequence([torch.tensor(values, dtype=torch.float32) for values in logprobs], batch_first=True)
         completions = cut_at_eos(ids_BT, self.eos_token_ids, self.pad_token_id)
         completions.sampler_logprobs_BT = logprobs_BT * completions.completion_mask_BT
         return completions
@@ -233,8 +232,6 @@ class VLLMClient:
 
 def wait_for_server(url: str, timeout: float) -> dict:
     """GET /health until it answers (the engine may still be loading), or a one-line error."""
-    import time
-
     deadline, last_error = time.monotonic() + timeout, None
     while True:
         try:
