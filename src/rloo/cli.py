@@ -101,7 +101,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rloo.data import load_prompt_dataset
     from rloo.evaluate import evaluate
     from rloo.models import load_policy, load_tokenizer, resolve_model_path
-    from rloo.trainer import load_rewards
+    from rloo.run import load_rewards
 
     overrides = overrides_from(args, ("model", "dataset", "num_samples", "eval_seed"))
     cfg = eval_config(resolve_model_path(args.model), args.config, overrides)

@@ -1,0 +1,150 @@
+"""Checkpoints of a run and exact resume: what the loop's state is now (``snapshot``), writing it on
+every process's behalf (``save``), what a resumed run must share with it (``fingerprint``) and loading
+it back (``resume``). The files themselves are checkpoint.py's."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import fields, replace
+from pathlib import Path
+
+import torch
+
+from rloo.checkpoint import (
+    COMMIT_MARKER,
+    REFERENCE,
+    TrainState,
+    capture_rng,
+    checkpoints_dir,
+    committed_checkpoints,
+    load_weights,
+    optimizer_state,
+    rank_state,
+    read_checkpoint,
+    remove_checkpoint,
+    resolve_resume_path,
+    restore_rng,
+    rollout_fields,
+    save_checkpoint,
+    save_reference,
+)
+from rloo.distributed import checkpointable
+from rloo.errors import CheckpointError
+from rloo.rollout import Rollout
+from rloo.run import Run
+
+logger = logging.getLogger(__name__)
+
+
+def snapshot(run: Run, state: TrainState) -> TrainState:
+    """The loop's state now (RNG, data position, counters, buffered batch): what a checkpoint holds."""
+    return TrainState(step=state.step, sampler=run.sampler.state_dict(), counters=dict(run.counters),
+                      rollout=state.rollout, eval_before=state.eval_before, rng=capture_rng(),
+                      scheduler=copy.deepcopy(run.scheduler.state_dict()))
+
+
+def save(run: Run, state: TrainState) -> Path | None:
+    """A committed checkpoint of ``state`` (every process's, gathered) with the current weights and
+    optimizer; written by the main process while the others wait. None (and a warning) under FSDP /
+    DeepSpeed, whose optimizer state is sharded (distributed.checkpointable)."""
+    if not checkpointable(run.accelerator):
+        logger.warning("no checkpoint at step %d: FSDP / DeepSpeed shard the optimizer state, which rloo's "
+                       "checkpoints do not hold", state.step)
+        return None
+    states = [state]
+    if run.accelerator.num_processes > 1:
+        states = [None] * run.accelerator.num_processes
+        torch.distributed.all_gather_object(states, _to_cpu(state))  # in memory; files hold no pickle
+    path, error = None, None
+    if run.accelerator.is_main_process:
+        try:
+            if run.reference is not None:
+                save_reference(run.output_dir, run.reference)
+            path = save_checkpoint(run.output_dir, run.accelerator.unwrap_model(run.policy), run.optimizer,
+                                   run.scheduler, states, run.cfg.to_dict(), fingerprint(run),
+                                   run.cfg.save_total_limit)
+            logger.info("checkpoint %s", path)
+        except CheckpointError as err:
+            error = err
+    if run.accelerator.num_processes > 1:  # everyone learns whether process 0's save worked (and waits for it)
+        flag = torch.tensor([error is not None], dtype=torch.int32, device=run.accelerator.device)
+        if run.accelerator.reduce(flag, "max").item() and error is None:
+            error = CheckpointError("process 0 could not write the checkpoint (its message is there)")
+    if error is not None:
+        raise error
+    return path if path is not None else checkpoints_dir(run.output_dir) / f"step-{state.step:06d}"
+
+
+def _to_cpu(state: TrainState) -> TrainState:
+    rollout = state.rollout
+    if rollout is not None:
+        rollout = replace(rollout, **{f.name: getattr(rollout, f.name).cpu() for f in fields(rollout)
+                                      if isinstance(getattr(rollout, f.name), torch.Tensor)})
+    json_part, tensors = state.rng
+    return replace(state, rollout=rollout, rng=(json_part, {name: t.cpu() for name, t in tensors.items()}))
+
+
+def fingerprint(run: Run) -> dict:
+    """What a resumed run must share with its checkpoint: k, batch sizes, architecture, tokenizer."""
+    cfg, policy = run.cfg, run.accelerator.unwrap_model(run.policy)
+    architecture = {key: value for key, value in policy.config.to_dict().items()
+                    if key in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads", "intermediate_size", "tie_word_embeddings")}
+    vocab = json.dumps(sorted(run.tokenizer.get_vocab().items()))
+    return {
+        "num_generations": cfg.num_generations, "per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_iterations": cfg.num_iterations,
+        "num_processes": cfg.sizes.num_processes, "architecture": architecture,
+        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16],
+    }
+
+
+def resume(run: Run) -> TrainState:
+    """Load a checkpoint into the run: weights, reference, optimizer, scheduler, data position, RNG."""
+    cfg = run.cfg
+    path = resolve_resume_path(cfg.resume_from_checkpoint, run.output_dir)
+    meta, tensors = read_checkpoint(path)
+    now = fingerprint(run)
+    saved = meta.get("fingerprint", {})
+    differences = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now if saved.get(key) != now[key]]
+    if differences and not cfg.resume_ignore_mismatch:
+        raise CheckpointError(f"cannot resume from {path}: this run differs from it in {'; '.join(differences)} "
+                              "(set resume_ignore_mismatch true to resume anyway)")
+    kept = [f"{key} {meta['config'].get(key)!r}" for key in ("learning_rate", "lr_scheduler_type", "warmup_ratio",
+            "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon") if meta["config"].get(key) != getattr(cfg, key)]
+    if kept:
+        logger.warning("resuming keeps the checkpoint's optimizer and schedule: %s (the values given now are not used)",
+                       ", ".join(kept))
+    load_weights(run.accelerator.unwrap_model(run.policy), path)
+    if run.reference is not None:
+        reference = path.parent / REFERENCE
+        if not (reference / COMMIT_MARKER).is_file():
+            raise CheckpointError(f"cannot resume from {path}: beta > 0 but {reference} holds no committed reference")
+        load_weights(run.reference, reference)
+    run.optimizer.load_state_dict(optimizer_state(meta["optimizer"], tensors["optimizer"]))
+    run.scheduler.load_state_dict(meta["scheduler"])
+    run.sampler.load_state_dict(meta["sampler"])
+    rank = run.accelerator.process_index
+    if rank >= len(meta["ranks"]):
+        raise CheckpointError(f"cannot resume from {path}: written by {len(meta['ranks'])} processes, this is process "
+                              f"{rank}")
+    counters, rng, rollout_parts = rank_state(meta, tensors, rank)
+    run.counters.update(counters)
+    restore_rng(rng)
+    rollout = None
+    if rollout_parts is not None:
+        rollout = Rollout(**rollout_fields(*rollout_parts, run.accelerator.device))
+    if path.parent == checkpoints_dir(run.output_dir) and run.accelerator.is_main_process:
+        for newer in committed_checkpoints(run.output_dir):  # past this one: the abandoned branch
+            if int(newer.name.split("-")[1]) > meta["step"]:
+                logger.warning("removing %s: the run continues from the earlier %s", newer, path.name)
+                remove_checkpoint(newer)
+    run.generator_stale = True  # a vLLM engine gets the checkpoint's weights before it next generates
+    run.accelerator.wait_for_everyone()
+    logger.info("resumed from %s (step %d)", path, meta["step"])
+    return TrainState(step=meta["step"], rollout=rollout, eval_before=meta["eval_before"])
+
+

@@ -1,0 +1,168 @@
+"""A run's pieces, built once by ``setup``: config checks, data, policy, reference, rewards, optimizer,
+the prompt sampler and the generation backend (cheap checks first, the generator last)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import get_scheduler
+
+from rloo.checkpoint import committed_checkpoints
+from rloo.config import RLOOConfig, validate
+from rloo.data import PromptSampler, load_prompt_dataset
+from rloo.distributed import lockstep, prepare_frozen, setup_strategy
+from rloo.generation import Generator, build_generator
+from rloo.models import (
+    disable_dropout,
+    eos_token_ids,
+    frozen_copy,
+    load_policy,
+    load_tokenizer,
+    prompt_token_limit,
+    resolve_model_path,
+)
+from rloo.rewards import RewardSources, build_rewards
+from rloo.rewards.model import RewardModel
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by ``setup``."""
+
+    cfg: RLOOConfig
+    accelerator: Accelerator
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    tokenizer: Any
+    generator: Generator
+    sources: RewardSources
+    train_dataset: Any
+    eval_dataset: Any
+    sampler: PromptSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    output_dir: Path
+    start_model: str
+    counters: dict = field(default_factory=lambda: dict.fromkeys(
+        ("num_truncated_prompts", "num_reward_errors", "num_nonfinite_steps", "consecutive_nonfinite_steps"), 0))
+    stop_signal: int | None = None  # set by SIGINT / SIGTERM
+    prompt_limit: int | None = None  # max_prompt_length, lowered to fit the model's context (models.prompt_token_limit)
+    generator_stale: bool = False  # the policy changed since the generator last took its weights
+
+
+def sync_generator(run: Run) -> None:
+    """Give the generator the policy's weights if they changed since it last took them (a vLLM engine;
+    nothing for the transformers backend). Called before generating, so that a failed push (an
+    unreachable server) happens before the step changes anything, and only once per generation batch."""
+    if run.generator_stale:
+        run.generator.load_weights(run.accelerator.unwrap_model(run.policy))
+        run.generator_stale = False
+
+
+
+def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_dataset) -> Run:
+    """Validate, then load data, policy, reference, rewards and the optimizer (cheap checks first)."""
+    if rewards is not None:
+        cfg.reward_funcs = [r if isinstance(r, str) else f"{r.__module__}:{getattr(r, '__qualname__', r)}" for r in rewards]
+    if cfg.resume_from_checkpoint not in (None, "latest") and cfg.output_dir is None:
+        cfg.output_dir = str(Path(cfg.resume_from_checkpoint).parent.parent)  # <run>/checkpoints/step-N
+    validate(cfg)  # config errors before any data or model is touched
+    # cpu=True without CUDA: then torchrun / `accelerate launch --multi_gpu` processes form a gloo group.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
+    train_dataset, eval_dataset = load_datasets(cfg, train_dataset, eval_dataset)
+    sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
+    policy, tokenizer, start_model = load_model(cfg, model, tokenizer)
+    set_seed(cfg.seed)  # after loading: a first run that builds the tiny policy samples like every later run
+    sources = load_rewards(cfg, rewards, tokenizer)  # a reward model is placed after the policy (prepare_frozen)
+    reference = frozen_copy(policy) if cfg.beta > 0 else None  # copied before the policy is sharded
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    # transformers' "constant" ignores warm-up; its "constant_with_warmup" is what a warm-up ratio asks for.
+    schedule = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sizes.max_steps),
+                              num_training_steps=sizes.max_steps)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    policy.train()
+    if reference is not None:  # sharded like the policy under FSDP / ZeRO-3, else a whole copy on the device
+        reference = prepare_frozen(accelerator, reference)
+    for fn in sources.fns:
+        if isinstance(fn, RewardModel):
+            fn.model, fn.device = prepare_frozen(accelerator, fn.model), accelerator.device
+    unwrapped = accelerator.unwrap_model(policy)
+    sampler = PromptSampler(len(train_dataset), sizes.num_prompts_per_process, cfg.seed,
+                            accelerator.process_index, accelerator.num_processes, cfg.shuffle_dataset)
+    output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
+    cfg.output_dir = str(output_dir)
+    if not cfg.resume_from_checkpoint and committed_checkpoints(output_dir):
+        raise ValueError(f"output_dir '{output_dir}' holds checkpoints of an earlier run: continue it with "
+                         "--resume_from_checkpoint latest, or choose another output_dir")
+    # Last: a vLLM engine (its processes) or server connection, once every check has passed.
+    generator = build_generator(cfg, unwrapped, tokenizer, eos_token_ids(unwrapped, tokenizer),
+                                all_done=lockstep(accelerator, cfg.ds3_gather_for_generation))
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,
+               sampler, optimizer, scheduler, output_dir, start_model,
+               prompt_limit=prompt_token_limit(unwrapped, cfg.max_prompt_length, cfg.max_completion_length))
+
+
+def load_rewards(cfg: RLOOConfig, rewards, tokenizer) -> RewardSources:
+    """The run's reward sources; a reward model scores the policy's token ids when it shares the
+    policy's vocabulary, each prompt once per group when ``share_prompt_prefix`` (RewardModel)."""
+    return build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
+                         cfg.reward_model_name_or_path, device="cpu",
+                         reward_model_kwargs={"append_eos": cfg.reward_model_append_eos, "policy_tokenizer": tokenizer,
+                                              "share_prompt": cfg.share_prompt_prefix})
+
+
+def load_datasets(cfg: RLOOConfig, train_dataset, eval_dataset) -> tuple[Any, Any]:
+    """Training prompts and held-out prompts: the given eval_dataset, else the eval split of dataset_name
+    when training on it (a single file or a dataset object has no held-out split of its own)."""
+    if train_dataset is not None:
+        train = load_prompt_dataset(train_dataset, cfg.dataset_train_split)
+        cfg.dataset_name = f"in-memory dataset ({len(train)} rows)" if not isinstance(train_dataset, str) else train_dataset
+    else:
+        train = load_prompt_dataset(cfg.dataset_name, cfg.dataset_train_split)
+    if eval_dataset is not None:
+        return train, load_prompt_dataset(eval_dataset, cfg.dataset_eval_split)
+    if cfg.num_eval_samples == 0 or train_dataset is not None or Path(cfg.dataset_name).is_file():
+        return train, None
+    try:
+        return train, load_prompt_dataset(cfg.dataset_name, cfg.dataset_eval_split)
+    except ValueError as err:
+        if "split" not in str(err).lower():
+            raise
+        logger.warning("no held-out evaluation: dataset '%s' has no split '%s' (%s)", cfg.dataset_name,
+                       cfg.dataset_eval_split, err)
+        return train, None
+
+
+def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any, str]:
+    """The policy (a name, or a model object), its tokenizer (with a pad token), dropout off."""
+    if model is None or isinstance(model, str):
+        start_model = resolve_model_path(model or cfg.model_name_or_path)
+        policy = load_policy(start_model, cfg.torch_dtype, cfg.trust_remote_code)
+    else:
+        policy, start_model = model, getattr(model, "name_or_path", "") or "in-memory model"
+    cfg.model_name_or_path = start_model
+    if tokenizer is None:
+        tokenizer = load_tokenizer(start_model, cfg.trust_remote_code)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    disable_dropout(policy)
+    if cfg.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+        policy.config.use_cache = False
+    return policy, tokenizer, start_model
+
+
