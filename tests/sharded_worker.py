@@ -17,7 +17,8 @@ from torch.distributed.tensor import DTensor
 
 from rloo.distributed import _reshards_after_forward, all_processes_done, gathered, partition_frozen, shard_frozen
 from rloo.generation.hf import HFGenerator
-from rloo.models import completion_logprobs, load_policy
+from rloo.logprobs import completion_logprobs
+from rloo.models import load_policy
 from rloo.rewards.model import RewardModel
 
 PAD = 1

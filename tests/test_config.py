@@ -12,11 +12,14 @@ from rloo.config import RLOOConfig, load_config, preset_names
 # frozen CLI test).
 FIELD_NAMES = [
     # model
-    "model_name_or_path", "torch_dtype", "trust_remote_code",
+    "model_name_or_path", "torch_dtype", "model_init_kwargs", "attn_implementation", "model_revision",
+    "trust_remote_code", "disable_dropout", "router_aux_loss_coef",
     # data
-    "dataset_name", "dataset_train_split", "dataset_eval_split", "shuffle_dataset", "max_prompt_length", "num_eval_samples",
+    "dataset_name", "dataset_config", "dataset_train_split", "dataset_eval_split", "shuffle_dataset",
+    "max_prompt_length", "chat_template_kwargs", "num_eval_samples",
     # generation
-    "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "share_prompt_prefix",
+    "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "generation_kwargs", "generation_batch_size", "steps_per_generation", "share_prompt_prefix",
     "ds3_gather_for_generation", "use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "vllm_tensor_parallel_size",
     "vllm_server_host", "vllm_server_port", "vllm_server_timeout",
     # reward
@@ -24,13 +27,15 @@ FIELD_NAMES = [
     # objective
     "beta", "kl_estimator", "epsilon", "epsilon_high", "normalize_advantages", "mask_truncated_completions",
     "num_iterations",
-    # optim
-    "learning_rate", "lr_scheduler_type", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2",
-    "adam_epsilon", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps",
-    "num_train_epochs", "seed", "gradient_checkpointing",
+    # training
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "optim",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed", "bf16", "fp16", "pure_low_precision",
+    "gradient_checkpointing",
     # run
     "output_dir", "logging_steps", "disable_tqdm", "save_steps", "save_total_limit", "resume_from_checkpoint",
-    "resume_ignore_mismatch", "reward_errors", "max_nonfinite_steps", "preset",
+    "resume_ignore_mismatch", "reward_errors", "max_nonfinite_steps", "report_to", "eval_strategy", "push_to_hub",
+    "preset",
 ]
 
 
@@ -76,10 +81,12 @@ def test_pythia_preset_holds_the_rloo_tldr_recipe():
     assert cfg.temperature == pytest.approx(0.7)
     assert cfg.max_completion_length == 53
     assert cfg.max_prompt_length == 512
-    # 16 completions per micro-batch = 8 prompts x k=2; x 4 accumulation steps = 32 prompts per step.
+    assert cfg.bf16 is True and cfg.torch_dtype == "bfloat16" and cfg.pure_low_precision is False  # mixed precision
+    # 16 completions per micro-batch = 8 prompts x k=2; x 4 accumulation steps = 32 prompts per step and generation.
     sizes = cfg.resolve(num_train_rows=116722)
-    assert sizes.num_prompts_per_micro_batch == 8
-    assert sizes.num_prompts_per_step == 32
+    assert sizes.num_completions_per_micro_batch == 16
+    assert sizes.num_prompts_per_generation == 32 and sizes.num_completions_per_generation == 64
+    assert sizes.num_steps_per_generation == sizes.num_steps_per_rollout == 1
     assert sizes.num_completions_per_step == 64
     assert sizes.max_steps == 116722 // 32  # one epoch
 
@@ -101,6 +108,15 @@ def test_tiny_preset_is_the_cpu_default():
     [
         ({"num_generations": 1}, "num_generations"),
         ({"num_generations": 4, "per_device_train_batch_size": 6}, "per_device_train_batch_size"),
+        ({"report_to": ["wandb"]}, "report_to"),
+        ({"eval_strategy": "steps"}, "eval_strategy"),
+        ({"push_to_hub": True}, "push_to_hub"),
+        ({"optim": "adamw_8bit"}, "optim"),
+        ({"warmup_steps": 10, "warmup_ratio": 0.1}, "warmup_steps"),
+        ({"lr_scheduler_type": "reduce_lr_on_plateau"}, "lr_scheduler_type"),
+        ({"bf16": True, "fp16": True}, "bf16"),
+        ({"generation_kwargs": {"num_beams": 4}}, "generation_kwargs"),
+        ({"min_p": 1.5}, "min_p"),
         ({"reward_weights": [1.0, 2.0]}, "reward_weights"),
         ({"reward_model_name_or_path": "some/rm", "reward_weights": [1.0]}, "reward_weights"),
         ({"beta": -0.01}, "beta"),
@@ -135,8 +151,8 @@ def test_unknown_field_suggests_the_closest_name():
 
 
 def test_flat_names_read_and_write_through_sections():
-    cfg = RLOOConfig(learning_rate=2e-5, optim={"seed": 7})
-    assert cfg.optim.learning_rate == cfg.learning_rate == 2e-5
+    cfg = RLOOConfig(learning_rate=2e-5, training={"seed": 7})
+    assert cfg.training.learning_rate == cfg.learning_rate == 2e-5
     assert cfg.seed == 7
     cfg.beta = 0.5
     assert cfg.objective.beta == 0.5
@@ -209,7 +225,7 @@ def test_field_names_are_frozen():
 def test_train_options_are_the_config_fields():
     train = train_subparser()
     options = {s for action in train._actions for s in action.option_strings} - {"-h", "--help"}
-    assert options == {"--config"} | {f"--{name}" for name in FIELD_NAMES}
+    assert options == {"--config", "--dtype", "--dataset_test_split"} | {f"--{name}" for name in FIELD_NAMES}
     helps = {a.option_strings[0]: a.help for a in train._actions if a.option_strings}
     assert all(helps[f"--{name}"] and not helps[f"--{name}"].startswith(" (default") for name in FIELD_NAMES)
 
@@ -245,15 +261,47 @@ def test_cli_unknown_option_exits_2_naming_the_field(capsys):
 def test_sizes_from_batch_size_k_and_accumulation():
     cfg = valid_config(per_device_train_batch_size=8, num_generations=4, gradient_accumulation_steps=2)
     sizes = cfg.resolve()
-    assert sizes.num_prompts_per_micro_batch == 2
-    assert sizes.num_prompts_per_process == 4
-    assert sizes.num_prompts_per_step == 4
+    assert sizes.num_completions_per_micro_batch == 8
+    assert sizes.num_prompts_per_generation == 4 and sizes.num_completions_per_generation == 16
     assert sizes.num_completions_per_step == 16
+    assert sizes.num_steps_per_generation == 1 and sizes.num_prompts_per_pass == 2
     assert sizes.max_steps == 10
     sizes = cfg.resolve(num_processes=2)
-    assert sizes.num_prompts_per_process == 4
-    assert sizes.num_prompts_per_step == 8
+    assert sizes.num_prompts_per_generation == 4  # per process
     assert sizes.num_completions_per_step == 32
+
+
+@pytest.mark.parametrize(
+    "overrides, per_generation, steps_per_generation",
+    [
+        ({"steps_per_generation": 4}, 8, 4),  # TRL's steps_per_generation: 4 micro-batches of 2, 4 optimizer steps
+        ({"generation_batch_size": 8}, 8, 4),  # the same batch named by its size (TRL's generation_batch_size)
+        ({"gradient_accumulation_steps": 2, "steps_per_generation": 4}, 8, 2),
+        ({}, 2, 1),  # default: one generation per optimizer step
+    ],
+)
+def test_generation_batch_is_decoupled_from_the_micro_batch(overrides, per_generation, steps_per_generation):
+    # k = 4 and 2 completions per micro-batch: a micro-batch holds half a prompt group (TRL allows it).
+    cfg = valid_config(per_device_train_batch_size=2, num_generations=2, **overrides)
+    sizes = cfg.resolve()
+    assert sizes.num_completions_per_generation == per_generation
+    assert sizes.num_steps_per_generation == steps_per_generation
+    half = valid_config(per_device_train_batch_size=2, num_generations=4, steps_per_generation=2).resolve()
+    assert half.num_completions_per_generation == 4 and half.num_prompts_per_generation == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        ({"generation_batch_size": 8, "steps_per_generation": 2}, "steps_per_generation"),
+        ({"generation_batch_size": 6, "per_device_train_batch_size": 4}, "generation_batch_size"),
+        ({"per_device_train_batch_size": 2, "num_generations": 4}, "num_generations"),
+        ({"steps_per_generation": 3, "gradient_accumulation_steps": 2, "num_generations": 2}, "steps_per_generation"),
+    ],
+)
+def test_generation_batch_errors_name_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        valid_config(**overrides).resolve()
 
 
 @pytest.mark.parametrize("num_train_epochs, num_train_rows, max_steps", [(1, 100, 25), (2, 100, 50), (1.5, 10, 3), (1, 7, 1)])
@@ -278,7 +326,7 @@ def test_max_steps_needs_rows_or_a_value():
 def test_load_config_yaml_file_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     # `3e-6` without a dot is a string to PyYAML (YAML 1.1); coercion makes it a float.
-    path.write_text("learning_rate: 3e-6\nnum_generations: 2\nreward_funcs: [rouge_l]\noptim:\n  seed: 3\n")
+    path.write_text("learning_rate: 3e-6\nnum_generations: 2\nreward_funcs: [rouge_l]\ntraining:\n  seed: 3\n")
     cfg = load_config(str(path), {"beta": "0.1", "num_generations": 8})
     assert cfg.learning_rate == 3e-6 and isinstance(cfg.learning_rate, float)
     assert cfg.reward_funcs == ["rouge_l"]
@@ -320,4 +368,4 @@ def test_bare_boolean_flag_means_true_and_preset_accepts_fewer_reward_funcs():
     assert cfg.gradient_checkpointing is True and cfg.normalize_advantages is False
     # the preset names no weights, so choosing other reward functions needs no weights either
     cfg = load_config("tldr-tiny", {"reward_funcs": ["rouge_l"]})
-    assert cfg.resolve().num_prompts_per_step == 4
+    assert cfg.resolve().num_prompts_per_generation == 4

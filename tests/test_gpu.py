@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rloo.generation.hf import HFGenerator
-from rloo.models import completion_logprobs, load_policy
+from rloo.logprobs import completion_logprobs
+from rloo.models import load_policy
 
 from test_models import K, PAD, PROMPTS, padded_batch
 

@@ -1,4 +1,5 @@
-"""Tests for rloo.models (loading, reference copy, padded log-probs) and rloo.generation (cut_at_eos, HFGenerator).
+"""Tests for rloo.models (loading, reference copy), rloo.logprobs (padded log-probs) and rloo.generation
+(cut_at_eos, HFGenerator).
 
 The log-prob tests compare the padded, grouped batch against one plain forward per unpadded
 prompt + completion sequence: padding, position ids and the k-fold prompt repeat must change nothing.
@@ -12,8 +13,8 @@ from rloo.data import left_pad
 from rloo.generation import cut_at_eos
 from rloo.generation.hf import HFGenerator, sample_categorical
 from rloo.hub import HubUnreachableError
+from rloo.logprobs import completion_logprobs
 from rloo.models import (
-    completion_logprobs,
     eos_token_ids,
     frozen_copy,
     load_policy,
@@ -141,7 +142,7 @@ def test_logprobs_from_hidden_states_only_when_logits_are_the_plain_output_layer
     repeating the prompt either way."""
     from transformers import GPTNeoXForCausalLM
 
-    from rloo import models
+    from rloo import logprobs as models
 
     class ScaledLogits(GPTNeoXForCausalLM):
         def forward(self, *args, **kwargs):

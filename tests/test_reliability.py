@@ -238,7 +238,7 @@ def test_cli_exit_code_after_sigterm(tiny_model_dir, tmp_path):
             return [float(len(c)) for c in completions]
     """))
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "-m", "rloo", "train", "--model_name_or_path", str(tiny_model_dir),
+    done = subprocess.run([sys.executable, "-m", "rloo", "train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", "rloo:tldr",
                            "--reward_funcs", f"{reward}:fn", "--max_steps", "3", "--num_eval_samples", "0",
                            "--per_device_train_batch_size", "4", "--num_generations", "2", "--max_completion_length",
                            "4", "--max_prompt_length", "32", "--output_dir", str(out), "--disable_tqdm"],
@@ -432,7 +432,8 @@ def test_bad_dataset_fails_before_the_model_is_loaded(tmp_path):
     ("reward_errors", "ignore", "reward_errors must be 'raise' or 'isolate'"),
     ("save_total_limit", 0, "save_total_limit must be >= 1"),
     ("reward_weights", [1.0], "reward_weights has 1 values but there are 2 reward sources"),
-    ("per_device_train_batch_size", 3, r"whole prompt groups \(a multiple of num_generations\): 3 is not divisible by 2"),
+    ("per_device_train_batch_size", 3, r"per_device_train_batch_size \* steps_per_generation = 3 completions per "
+                                       r"process and generation is not a multiple of num_generations = 2"),
 ])
 def test_invalid_config_values_are_refused_before_any_model_load(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):

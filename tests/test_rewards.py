@@ -309,12 +309,22 @@ def test_reward_model_from_objects_and_build_rewards(tiny_reward_model_dir):
         RewardModel(model)
     rm = RewardModel(model, tokenizer)
     assert rm(["the dog"], [" sleeps"]) == pytest.approx([_direct_score(rm, "the dog sleeps")], abs=1e-5)
+    # TRL's order (its trl rloo script): the reward model first, then the functions; weights follow it.
     sources = build_rewards(
-        ["grounding"], [1.0, 0.5], str(tiny_reward_model_dir), reward_model_kwargs={"batch_size": 2}
+        ["grounding"], [0.5, 1.0], str(tiny_reward_model_dir), reward_model_kwargs={"batch_size": 2}
     )
-    assert sources.names == ["grounding", "reward_model"] and sources.weights == [1.0, 0.5]
+    assert sources.names == ["reward_model", "grounding"] and sources.weights == [0.5, 1.0]
     rewards_NF = score_completions(sources, ["POST: the dog TL;DR:"] * 2, [" the dog", " cat"], {})
     assert rewards_NF.shape == (2, 2) and torch.isfinite(rewards_NF).all()
+    assert rewards_NF[:, 0].tolist() == pytest.approx(rm(["POST: the dog TL;DR:"] * 2, [" the dog", " cat"]), abs=1e-5)
+    # A model object among reward_funcs (TRL's reward_funcs=[model]) with its tokenizer (reward_processing_classes),
+    # and a folder named as a string: both reward models, scored as RewardModel scores them.
+    sources = build_rewards([model, str(tiny_reward_model_dir), "grounding"], reward_processing_classes=[tokenizer, None, None])
+    assert sources.names == ["reward_model", "reward_model_2", "grounding"]
+    both = score_completions(sources, ["the dog"], [" sleeps"], {})
+    assert both[0, 0].item() == pytest.approx(both[0, 1].item(), abs=1e-5) == pytest.approx(rm(["the dog"], [" sleeps"])[0])
+    with pytest.raises(ValueError, match="reward_processing_classes has 1 entries for 3"):
+        build_rewards([model, "grounding", "rouge_l"], reward_processing_classes=[tokenizer])
 
 
 @pytest.mark.parametrize("append_eos", [True, False])

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from rloo import RLOOConfig, train
@@ -23,7 +24,8 @@ STEP_KEYS = ["reward", "reward_std", "kl", "entropy", "completion_length", "frac
 
 def tiny_config(model_dir: Path, output_dir: Path, **overrides) -> RLOOConfig:
     values = dict(
-        model_name_or_path=str(model_dir), dataset_name="rloo:tldr", max_prompt_length=64, num_eval_samples=4,
+        model_name_or_path=str(model_dir), dataset_name="rloo:tldr", dataset_eval_split="validation",
+        max_prompt_length=64, num_eval_samples=4,
         num_generations=2, max_completion_length=8, reward_funcs=["grounding", "summary_length"],
         reward_weights=[1.0, 0.5], beta=0.05, learning_rate=1e-2, per_device_train_batch_size=4, max_steps=2,
         seed=0, output_dir=str(output_dir), disable_tqdm=True,
@@ -108,7 +110,8 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_cli_train_eval_generate(tiny_model_dir, tmp_path):
     reward_file = tmp_path / "my_rewards.py"
     reward_file.write_text("def mentions_post(prompts, completions, **kw):\n    return [1.0 if 'I' in c else 0.0 for c in completions]\n")
-    done = run_cli("train", "--model_name_or_path", str(tiny_model_dir), "--max_steps", "2", "--num_generations", "2",
+    done = run_cli("train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name", "rloo:tldr",
+                   "--dataset_test_split", "validation", "--max_steps", "2", "--num_generations", "2",
                    "--per_device_train_batch_size", "4", "--max_completion_length", "8", "--max_prompt_length", "64",
                    "--reward_funcs", "grounding", f"{reward_file}:mentions_post", "--reward_weights", "1", "0.5",
                    "--num_eval_samples", "4", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true",
@@ -116,6 +119,12 @@ def test_cli_train_eval_generate(tiny_model_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "held-out reward on 4 validation prompts: before" in done.stdout
     assert "step 2/2 reward" in done.stdout  # metrics on stdout when the progress bar is off
+    # A run that names its own model, data and rewards starts from the library defaults (TRL's), not tldr-tiny's,
+    # and says where each value came from.
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["learning_rate"] == 1e-6 and saved["beta"] == 0.05 and saved["lr_scheduler_type"] == "linear"
+    assert saved["reward_funcs"] == ["grounding", f"{reward_file}:mentions_post"] and saved["preset"] is None
+    assert "flag: model_name_or_path=" in done.stderr and "default: " in done.stderr and "preset tldr-tiny:" not in done.stderr
     done = run_cli("eval", "--model", str(tmp_path / "run"), "--num_samples", "3", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from rloo.config import SECTIONS, load_config, preset_names, unknown_key_message
+from rloo.config import ALIASES, SECTIONS, load_config, preset_names, unknown_key_message
 from rloo.errors import RlooError, TrainingInterrupted
 
 logger = logging.getLogger("rloo")
@@ -24,10 +24,12 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
             kind = str(f.type)
-            # Lists take several values; a bare boolean flag means true (`--gradient_checkpointing`), as in TRL.
-            nargs, const = ("+", None) if kind.startswith("list") else ("?", "true") if kind == "bool" else (None, None)
+            # Lists take several values (none: `--reward_funcs` alone empties it); a bare boolean flag means true
+            # (`--gradient_checkpointing`), as in TRL.
+            nargs, const = ("*", None) if kind.startswith("list") else ("?", "true") if kind.startswith("bool") else (None, None)
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            group.add_argument(f"--{f.name}", nargs=nargs, const=const, default=argparse.SUPPRESS,
+            aliases = [f"--{alias}" for alias, name in ALIASES.items() if name == f.name]  # TRL's other names
+            group.add_argument(f"--{f.name}", *aliases, dest=f.name, nargs=nargs, const=const, default=argparse.SUPPRESS,
                                metavar=f.name.upper(), help=f"{f.metadata.get('help', '')} (default: {default})")
 
 
@@ -51,7 +53,7 @@ def train_config(args: argparse.Namespace):
     overrides = overrides_from(args)
     resume = overrides.get("resume_from_checkpoint")
     if resume is None or args.config is not None:
-        return load_config(args.config, overrides)
+        return load_config(args.config, overrides, origin="flag")
     from rloo.checkpoint import read_config, resolve_resume_path
     from rloo.config import RLOOConfig
 
@@ -61,10 +63,9 @@ def train_config(args: argparse.Namespace):
     path = resolve_resume_path(resume, overrides.get("output_dir") or "")
     saved = {key: value for key, value in read_config(path).items()
              if key not in ("output_dir", "resume_from_checkpoint", "resume_ignore_mismatch")}
-    cfg = RLOOConfig()
-    cfg.update(saved)
+    cfg = RLOOConfig().update(saved, "checkpoint")
     cfg.output_dir = str(path.parent.parent)  # the run folder the checkpoint is in (<run>/checkpoints/step-N)
-    return cfg.update(overrides)
+    return cfg.update(overrides, "flag")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -92,13 +93,18 @@ def cmd_train(args: argparse.Namespace) -> int:
 def eval_config(model_dir: str, config: str | None, overrides: dict):
     """The run's own config.yaml when evaluating a run folder, else the named or default preset."""
     own = Path(model_dir) / "config.yaml"
-    cfg = load_config(config if config or not own.is_file() else str(own), overrides)
+    cfg = load_config(config if config or not own.is_file() else str(own), overrides, origin="flag")
     cfg.model_name_or_path = model_dir
     return cfg
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import functools
+
+    import torch
+
     from rloo.data import load_prompt_dataset
+    from rloo.precision import LOW, mixed_precision_mode
     from rloo.evaluate import evaluate
     from rloo.models import load_policy, load_tokenizer, resolve_model_path
     from rloo.run import load_rewards
@@ -111,11 +117,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--dataset: dataset_name '{cfg.dataset_name}' is one file with no held-out split; "
                          "name the held-out prompts with --dataset")
     dataset = load_prompt_dataset(args.dataset or cfg.dataset_name, cfg.dataset_eval_split)
-    model = load_policy(cfg.model_name_or_path, cfg.torch_dtype, cfg.trust_remote_code)
+    # As trained: float32 weights (the master copy the run folder holds) unless pure_low_precision.
+    model = load_policy(cfg.model_name_or_path, cfg.torch_dtype if cfg.pure_low_precision else "float32",
+                        cfg.trust_remote_code)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     sources = load_rewards(cfg, None, tokenizer)
+    mode = mixed_precision_mode(cfg, torch.cuda.is_available())  # compute as the run trained (--bf16)
+    autocast = None if mode == "no" else functools.partial(torch.autocast, "cpu" if not torch.cuda.is_available()
+                                                           else "cuda", dtype=LOW[mode])
     result = evaluate(model, tokenizer, dataset, sources, cfg, args.num_samples or cfg.num_eval_samples or None,
-                      seed=args.eval_seed)
+                      seed=args.eval_seed, autocast=autocast)
     print(json.dumps({k: v for k, v in result.items() if not k.startswith("per_prompt")}))
     return 0
 

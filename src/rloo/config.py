@@ -8,9 +8,10 @@ field name is unique across sections, so configs stay flat on the command line a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
-import math
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -30,38 +31,83 @@ def arg(default: Any = None, help: str = "", **kwargs: Any) -> Any:
 
 @dataclass
 class ModelArgs:
-    model_name_or_path: str = arg(
-        "rloo:tldr-tiny-sft",
+    model_name_or_path: str | None = arg(
+        None,
         "Policy to start from: a local folder, a hub id, or 'rloo:tldr-tiny-sft' (the tiny TL;DR policy that "
-        "rloo builds locally and caches on first use).",
+        "rloo builds locally and caches on first use; the tldr-tiny preset's).",
     )
-    torch_dtype: str = arg("auto", "Weights dtype: auto, float32, bfloat16 or float16.")
+    torch_dtype: str = arg(
+        "auto", "Dtype the policy is loaded in (also 'dtype', TRL's name): auto (the checkpoint's), float32, "
+        "bfloat16 or float16. The policy still trains float32 master weights unless pure_low_precision.",
+    )
+    model_init_kwargs: dict | None = arg(
+        None, "Keyword arguments for the policy's from_pretrained (TRL's name), e.g. {\"dtype\": \"bfloat16\", "
+        "\"attn_implementation\": \"sdpa\"}; dtype / torch_dtype set torch_dtype. JSON on the command line.",
+    )
+    attn_implementation: str | None = arg(
+        None, "Attention kernel for the policy and reference (transformers' name: sdpa, eager, flash_attention_2); "
+        "None: transformers' choice.",
+    )
+    model_revision: str = arg("main", "Hub revision (branch, tag or commit) of the policy.")
     trust_remote_code: bool = arg(False, "Allow model code from the hub to run (off unless you turn it on).")
+    disable_dropout: bool = arg(
+        True, "Turn every dropout of the policy off (modules, functional dropout rates, layer drop, router jitter): "
+        "on-policy ratios of 1 and a zero KL to an identical reference need it. TRL's default is False.",
+    )
+    router_aux_loss_coef: float | None = arg(
+        None, "Mixture-of-experts policies: weight of the router load-balancing loss added to the policy loss; None: "
+        "the model config's router_aux_loss_coef; 0 turns it off.",
+    )
 
 
 @dataclass
 class DataArgs:
-    dataset_name: str = arg(
-        "rloo:tldr",
+    dataset_name: str | None = arg(
+        None,
         "Prompt dataset: a local file (jsonl/json/csv/parquet), a folder saved by `datasets`, a hub id, or "
-        "'rloo:tldr' (the real TL;DR sample shipped with rloo).",
+        "'rloo:tldr' (the real TL;DR sample shipped with rloo; the tldr-tiny preset's).",
     )
+    dataset_config: str | None = arg(None, "Hub dataset configuration name (load_dataset's name=).")
     dataset_train_split: str = arg("train", "Split used for training.")
-    dataset_eval_split: str = arg("validation", "Split used for held-out evaluation.")
+    dataset_eval_split: str = arg(
+        "test", "Split used for held-out evaluation (also 'dataset_test_split', TRL's name); a dataset without it "
+        "is trained on without evaluation.",
+    )
     shuffle_dataset: bool = arg(True, "Visit training prompts in a seeded random order each epoch (False: file order).")
     max_prompt_length: int | None = arg(
         512, "Prompts longer than this many tokens keep their last tokens (left truncation, as in the TL;DR recipe)."
+    )
+    chat_template_kwargs: dict | None = arg(
+        None, "Extra keyword arguments for the tokenizer's apply_chat_template on conversational prompts, e.g. "
+        "{\"enable_thinking\": false}. JSON on the command line.",
     )
     num_eval_samples: int = arg(200, "Held-out prompts scored before and after training (0 turns evaluation off).")
 
 
 @dataclass
 class GenerationArgs:
-    num_generations: int = arg(4, "k: completions sampled per prompt (>= 2); the leave-one-out baseline uses the other k-1.")
-    max_completion_length: int = arg(53, "Maximum new tokens per completion.")
+    num_generations: int = arg(2, "k: completions sampled per prompt (>= 2); the leave-one-out baseline uses the other k-1.")
+    max_completion_length: int = arg(512, "Maximum new tokens per completion.")
     temperature: float = arg(1.0, "Sampling temperature; also divides the logits in every log-prob computation.")
     top_p: float = arg(1.0, "Nucleus sampling probability mass (1.0 = off).")
     top_k: int = arg(0, "Sample among the top-k tokens only (0 = off).")
+    min_p: float | None = arg(None, "Drop tokens whose probability is below min_p times the top token's (None = off).")
+    repetition_penalty: float = arg(
+        1.0, "Divide the logits of tokens already in the prompt or completion by this (>1 discourages repeats; "
+        "1.0 = off). Like top_p / top_k it shapes sampling only; log-probs are the model's.",
+    )
+    generation_kwargs: dict | None = arg(
+        None, "Sampling settings that override the fields above (TRL's name): keys temperature, top_p, top_k, min_p, "
+        "repetition_penalty, max_new_tokens. JSON on the command line.",
+    )
+    generation_batch_size: int | None = arg(
+        None, "Completions generated at once over all processes (TRL's name); default per_device_train_batch_size * "
+        "processes * steps_per_generation. Each process's share holds whole prompt groups.",
+    )
+    steps_per_generation: int | None = arg(
+        None, "Micro-batches trained on each generation batch (TRL's name); default gradient_accumulation_steps "
+        "(one generation per optimizer step). A multiple of gradient_accumulation_steps.",
+    )
     share_prompt_prefix: bool = arg(
         True, "Run each prompt once for its k completions (generation, reference and training passes; KV cache "
         "repeated k times). False repeats the prompt k times, as TRL does: the same results, more work."
@@ -93,11 +139,13 @@ class GenerationArgs:
 class RewardArgs:
     reward_funcs: list[str] = arg(
         [],
-        "Reward functions: built-in names (rouge_l, grounding, no_repeated_bigrams, summary_length), "
-        "'package.module:function' or 'file.py:function'; several allowed.",
+        "Reward functions: built-in names (rouge_l, grounding, no_repeated_bigrams, summary_length), trl.rewards "
+        "names (think_format_reward, accuracy_reward, ...), 'package.module.function' (a module in the current "
+        "directory too), 'package.module:function', 'file.py:function', or a sequence-classification reward model "
+        "(folder or hub id); several allowed, none with a bare --reward_funcs.",
     )
     reward_weights: list[float] | None = arg(
-        None, "One weight per reward source (functions first, then the reward model); default 1.0 each."
+        None, "One weight per reward source, in TRL's order: the reward model first, then reward_funcs; default 1.0 each."
     )
     reward_model_name_or_path: str | None = arg(
         None, "Sequence-classification reward model (local folder or hub id), scored with its own tokenizer."
@@ -117,28 +165,49 @@ class ObjectiveArgs:
     kl_estimator: str = arg("k1", "Sequence KL estimator: k1 (sum of log-ratios, the paper's) or k3 (always >= 0).")
     epsilon: float = arg(0.2, "Lower clip range of the sequence ratio (used when a generation batch is reused).")
     epsilon_high: float | None = arg(None, "Upper clip range; defaults to epsilon.")
-    normalize_advantages: bool = arg(False, "Normalise advantages to zero mean and unit std over the batch.")
+    normalize_advantages: bool = arg(False, "Normalise advantages to zero mean and unit std over the generation batch.")
     mask_truncated_completions: bool = arg(False, "Exclude completions that end without EOS from the loss.")
-    num_iterations: int = arg(1, "Optimizer steps taken on each generation batch (1 = exactly on-policy REINFORCE).")
+    num_iterations: int = arg(1, "Passes over each generation batch (1 = exactly on-policy REINFORCE).")
 
 
 @dataclass
-class OptimArgs:
+class TrainingArgs:
     learning_rate: float = arg(1e-6, "AdamW peak learning rate.")
-    lr_scheduler_type: str = arg("linear", "Schedule after warm-up: linear, cosine or constant.")
-    warmup_ratio: float = arg(0.0, "Share of the steps spent warming the learning rate up linearly from 0.")
+    lr_scheduler_type: str = arg(
+        "linear", "transformers' schedule after warm-up: linear, cosine, cosine_with_restarts, polynomial, constant, "
+        "constant_with_warmup, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay.",
+    )
+    lr_scheduler_kwargs: dict | None = arg(
+        None, "Extra arguments of the schedule, e.g. {\"num_cycles\": 0.5} or {\"min_lr_rate\": 0.1}. JSON on the "
+        "command line.",
+    )
+    warmup_steps: float = arg(
+        0.0, "Steps of linear learning-rate warm-up from 0; a value below 1 is a share of max_steps (transformers 5).",
+    )
+    warmup_ratio: float = arg(0.0, "Share of the steps spent warming up (transformers 4's name; or warmup_steps < 1).")
+    optim: str = arg("adamw_torch_fused", "Optimizer (transformers' names): adamw_torch_fused or adamw_torch.")
     weight_decay: float = arg(0.0, "AdamW weight decay.")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.999, "AdamW beta2.")
     adam_epsilon: float = arg(1e-8, "AdamW epsilon.")
     max_grad_norm: float = arg(1.0, "Clip the gradient norm to this (0 = no clipping).")
     per_device_train_batch_size: int = arg(
-        8, "Completions per micro-batch on each process; a multiple of num_generations (whole prompt groups)."
+        8, "Completions per micro-batch on each process; it may hold part of a prompt group (the leave-one-out "
+        "baseline is taken over the generation batch)."
     )
     gradient_accumulation_steps: int = arg(1, "Micro-batches per optimizer step.")
     max_steps: int = arg(-1, "Optimizer steps to run; -1 derives them from num_train_epochs.")
-    num_train_epochs: float = arg(1.0, "Passes over the training prompts when max_steps is -1.")
+    num_train_epochs: float = arg(3.0, "Passes over the training prompts when max_steps is -1.")
     seed: int = arg(42, "Seed for sampling, data order and initialisation.")
+    bf16: bool | None = arg(
+        None, "Mixed precision in bfloat16: autocast compute, float32 master weights, gradients and AdamW state. "
+        "None (TRL's default, on unless fp16): on with a GPU that supports bf16, off on a CPU.",
+    )
+    fp16: bool = arg(False, "Mixed precision in float16 with loss scaling (GPUs only).")
+    pure_low_precision: bool = arg(
+        False, "Train the policy's weights in torch_dtype itself (bfloat16 / float16 weights and AdamW state, no "
+        "float32 master copy): half the memory, but updates below the dtype's spacing round away (warned).",
+    )
     gradient_checkpointing: bool = arg(False, "Recompute activations in backward to save memory.")
 
 
@@ -153,7 +222,7 @@ class RunArgs:
         None, "Continue a run exactly: a checkpoint folder, or 'latest' (the newest committed one in output_dir)."
     )
     resume_ignore_mismatch: bool = arg(
-        False, "Resume even when k, batch sizes, model architecture or tokenizer differ from the checkpoint's."
+        False, "Resume even when k, batch sizes, model architecture, tokenizer or precision differ from the checkpoint's."
     )
     reward_errors: str = arg(
         "raise", "A reward function that raises: 'raise' (save a checkpoint, stop naming function and sample) or "
@@ -162,6 +231,12 @@ class RunArgs:
     max_nonfinite_steps: int = arg(
         3, "Consecutive steps with a non-finite loss or gradient (each skipped) after which the run stops."
     )
+    report_to: list[str] = arg(["none"], "Trackers (transformers' name): only none for now; metrics.jsonl holds every metric.")
+    eval_strategy: str = arg(
+        "no", "Periodic evaluation (transformers' name): only no for now; rloo evaluates num_eval_samples held-out "
+        "prompts before and after training."
+    )
+    push_to_hub: bool = arg(False, "Upload the run folder to the Hub (transformers' name): not available yet.")
     preset: str | None = arg(None, "Name of the preset this config started from (set by --config).")
 
 
@@ -171,60 +246,62 @@ SECTIONS: dict[str, type] = {
     "generation": GenerationArgs,
     "reward": RewardArgs,
     "objective": ObjectiveArgs,
-    "optim": OptimArgs,
+    "training": TrainingArgs,
     "run": RunArgs,
 }
 FIELD_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}
 
 
-@dataclass
-class Sizes:
-    """Derived batch sizes, computed once by ``RLOOConfig.resolve``."""
-
-    num_processes: int
-    num_completions_per_step: int  # over all processes: per_device * grad_accum * processes
-    num_prompts_per_step: int  # over all processes
-    num_prompts_per_process: int  # per optimizer step, on one process
-    num_prompts_per_micro_batch: int
-    max_steps: int
-
-
-def exact_div(a: int, b: int, what: str) -> int:
-    """a / b, or a one-line ValueError when b does not divide a (cleanrl's exact_div guard)."""
-    if b <= 0 or a % b:
-        raise ValueError(f"{what}: {a} is not divisible by {b}")
-    return a // b
+# Other names a TRL or transformers config uses for a field (read, never written).
+ALIASES = {"dtype": "torch_dtype", "dataset_test_split": "dataset_eval_split"}
 
 
 class RLOOConfig:
     """All options of a run. ``RLOOConfig(learning_rate=3e-6, num_generations=4)`` takes flat field names
-    (as TRL's RLOOConfig does); ``cfg.model``, ``cfg.optim``... hold the sections; ``cfg.learning_rate`` reads through."""
+    (as TRL's RLOOConfig does); ``cfg.model``, ``cfg.training``... hold the sections; ``cfg.learning_rate`` reads through.
+
+    ``origins`` says where each value that is not the library default came from ("preset tldr-tiny",
+    "file run.yaml", "flag", "given", "checkpoint"): the run prints it at start (``describe``)."""
 
     def __init__(self, **values: Any) -> None:
         for name, cls in SECTIONS.items():
             object.__setattr__(self, name, cls())
         object.__setattr__(self, "sizes", None)
-        self.update(values)
+        object.__setattr__(self, "origins", {})
+        self.update(values, "given")
 
-    def update(self, values: dict[str, Any]) -> "RLOOConfig":
+    def update(self, values: dict[str, Any], origin: str = "given") -> "RLOOConfig":
         for key, value in values.items():
             if key in SECTIONS and isinstance(value, dict):
-                self.update(value)
+                self.update(value, origin)
             else:
-                setattr(self, key, value)
+                self.set(key, value, origin)
         return self
 
-    def __getattr__(self, name: str) -> Any:
-        section = FIELD_SECTION.get(name)
-        if section is None:
-            raise AttributeError(f"RLOOConfig has no field '{name}'")
-        return getattr(object.__getattribute__(self, section), name)
-
-    def __setattr__(self, name: str, value: Any) -> None:
+    def set(self, name: str, value: Any, origin: str) -> None:
+        name = ALIASES.get(name, name)
         section = FIELD_SECTION.get(name)
         if section is None:
             raise ValueError(unknown_key_message(name))
         setattr(object.__getattribute__(self, section), name, coerce(name, value))
+        self.origins[name] = origin
+
+    def __getattr__(self, name: str) -> Any:
+        section = FIELD_SECTION.get(ALIASES.get(name, name))
+        if section is None:
+            raise AttributeError(f"RLOOConfig has no field '{name}'")
+        return getattr(object.__getattribute__(self, section), ALIASES.get(name, name))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self.set(name, value, self.origins.get(ALIASES.get(name, name), "given"))
+
+    def __deepcopy__(self, memo: dict) -> "RLOOConfig":
+        copied = RLOOConfig()
+        for name in SECTIONS:
+            object.__setattr__(copied, name, copy.deepcopy(object.__getattribute__(self, name), memo))
+        object.__setattr__(copied, "origins", dict(self.origins))
+        object.__setattr__(copied, "sizes", self.sizes)
+        return copied
 
     def to_dict(self) -> dict[str, Any]:
         """Flat {field: value}, the YAML written to the run folder."""
@@ -233,85 +310,40 @@ class RLOOConfig:
     def __repr__(self) -> str:
         return f"RLOOConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
-    def resolve(self, num_processes: int = 1, num_train_rows: int | None = None) -> Sizes:
-        """Validate every field and compute the derived sizes; errors are one line naming the field."""
-        validate(self)
-        k = self.num_generations
-        per_device = self.per_device_train_batch_size
-        prompts_per_mb = exact_div(
-            per_device, k, "per_device_train_batch_size must hold whole prompt groups (a multiple of num_generations)"
-        )
-        prompts_per_process = prompts_per_mb * self.gradient_accumulation_steps
-        prompts_per_step = prompts_per_process * num_processes
-        max_steps = self.max_steps
-        if max_steps <= 0:
-            if num_train_rows is None:
-                raise ValueError("max_steps: set max_steps > 0, or give the dataset so num_train_epochs can set it")
-            steps_per_epoch = num_train_rows // prompts_per_step
-            if steps_per_epoch == 0:
-                raise ValueError(
-                    f"dataset has {num_train_rows} prompts, fewer than the {prompts_per_step} prompts of one step"
-                )
-            # Each generation batch is used for num_iterations optimizer steps.
-            max_steps = max(1, math.ceil(steps_per_epoch * self.num_train_epochs)) * self.num_iterations
-        sizes = Sizes(num_processes, prompts_per_step * k, prompts_per_step, prompts_per_process, prompts_per_mb, max_steps)
+    def resolve(self, num_processes: int = 1, num_train_rows: int | None = None):
+        """Validate every field and compute the derived sizes (``rloo.sizes.Sizes``); errors are one line naming
+        the field."""
+        from rloo.sizes import resolve
+
+        sizes = resolve(self, num_processes, num_train_rows)
         object.__setattr__(self, "sizes", sizes)
         return sizes
 
+    def describe(self) -> str:
+        """Every field with its value, grouped by where it came from (printed at the start of a run)."""
+        groups: dict[str, list[str]] = {}
+        for name, value in self.to_dict().items():
+            groups.setdefault(self.origins.get(name, "default"), []).append(f"{name}={value!r}")
+        order = sorted(groups, key=lambda origin: (origin == "default", origin))
+        return "\n".join(f"  {origin}: {', '.join(items)}" for origin, items in ((o, groups[o]) for o in order))
 
-def validate(cfg: RLOOConfig) -> None:
-    """Range checks that need no model or data; each failure is one line naming the field."""
-    checks = [
-        (cfg.num_generations >= 2, "num_generations must be >= 2 (the leave-one-out baseline needs a sibling)"),
-        (cfg.max_completion_length >= 1, "max_completion_length must be >= 1"),
-        (cfg.temperature > 0, "temperature must be > 0 (sampling divides the logits by it)"),
-        (0 < cfg.top_p <= 1, "top_p must be in (0, 1]"),
-        (cfg.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-        (cfg.vllm_mode in ("colocate", "server"), f"vllm_mode must be 'colocate' or 'server', got {cfg.vllm_mode!r}"),
-        (0 < cfg.vllm_gpu_memory_utilization <= 1, "vllm_gpu_memory_utilization must be in (0, 1]"),
-        (cfg.vllm_tensor_parallel_size >= 1, "vllm_tensor_parallel_size must be >= 1"),
-        (0 < cfg.vllm_server_port < 65536, "vllm_server_port must be in 1..65535"),
-        (cfg.beta >= 0, "beta must be >= 0"),
-        (cfg.kl_estimator in ("k1", "k3"), f"kl_estimator must be 'k1' or 'k3', got {cfg.kl_estimator!r}"),
-        (cfg.epsilon >= 0, "epsilon must be >= 0"),
-        (cfg.epsilon_high is None or cfg.epsilon_high >= 0, "epsilon_high must be >= 0"),
-        (cfg.num_iterations >= 1, "num_iterations must be >= 1"),
-        (cfg.learning_rate > 0, "learning_rate must be > 0"),
-        (cfg.lr_scheduler_type in ("linear", "cosine", "constant"),
-         f"lr_scheduler_type must be linear, cosine or constant, got {cfg.lr_scheduler_type!r}"),
-        (0 <= cfg.warmup_ratio < 1, "warmup_ratio must be in [0, 1)"),
-        (cfg.max_grad_norm >= 0, "max_grad_norm must be >= 0"),
-        (cfg.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
-        (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
-        (cfg.num_train_epochs > 0, "num_train_epochs must be > 0"),
-        (cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, "max_prompt_length must be >= 1"),
-        (cfg.num_eval_samples >= 0, "num_eval_samples must be >= 0"),
-        (cfg.logging_steps >= 1, "logging_steps must be >= 1"),
-        (cfg.save_steps >= 0, "save_steps must be >= 0 (0 = no checkpoints)"),
-        (cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit must be >= 1 or None"),
-        (cfg.reward_errors in ("raise", "isolate"), f"reward_errors must be 'raise' or 'isolate', got {cfg.reward_errors!r}"),
-        (cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
-        (cfg.resume_from_checkpoint != "latest" or cfg.output_dir is not None,
-         "resume_from_checkpoint=latest needs output_dir (the run folder whose newest checkpoint to continue)"),
-        (cfg.torch_dtype in ("auto", "float32", "bfloat16", "float16"),
-         f"torch_dtype must be auto, float32, bfloat16 or float16, got {cfg.torch_dtype!r}"),
-        (cfg.missing_eos_penalty is None or cfg.missing_eos_penalty >= 0, "missing_eos_penalty must be >= 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
-    num_sources = len(cfg.reward_funcs) + (cfg.reward_model_name_or_path is not None)
-    if num_sources == 0:
-        raise ValueError("reward_funcs / reward_model_name_or_path: give at least one reward source")
-    if cfg.reward_weights is not None and len(cfg.reward_weights) != num_sources:
-        raise ValueError(
-            f"reward_weights has {len(cfg.reward_weights)} values but there are {num_sources} reward sources "
-            f"({len(cfg.reward_funcs)} reward_funcs{' + the reward model' if cfg.reward_model_name_or_path else ''})"
-        )
+
+# TRL / transformers fields rloo does not have yet, with what to do instead.
+NOT_YET = {
+    "log_completions": "not available yet; every reward source's mean is in metrics.jsonl",
+    "num_completions_to_print": "not available yet; every reward source's mean is in metrics.jsonl",
+    "run_name": "trackers are not available yet (report_to none); a run is named by its output_dir",
+    "use_cpu": "not needed: rloo uses the GPU when there is one and the CPU otherwise",
+}
+_PEFT_FIELDS = ("use_peft", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")
 
 
 def unknown_key_message(key: str) -> str:
-    close = difflib.get_close_matches(key, FIELD_SECTION, n=1)
+    if key in NOT_YET:
+        return f"config field '{key}': {NOT_YET[key]}"
+    if key in _PEFT_FIELDS or key.startswith("lora_"):
+        return f"config field '{key}': LoRA / QLoRA are not available yet; train the full model without the LoRA fields"
+    close = difflib.get_close_matches(key, list(FIELD_SECTION) + list(ALIASES), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown config field '{key}'{hint}"
 
@@ -338,6 +370,8 @@ def coerce(name: str, value: Any) -> Any:
                 return [float(v) for v in items]
             return [str(v) for v in items]
         base = kind.split(" |")[0]
+        if base == "dict":
+            return _as_dict(name, value)
         if base == "bool":
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -355,27 +389,46 @@ def coerce(name: str, value: Any) -> Any:
         raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
 
 
+def _as_dict(name: str, value: Any) -> dict:
+    """A dict field: a mapping, or its JSON text (``--generation_kwargs '{"top_k": 20}'``, as transformers parses)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name}: expected a JSON object such as '{{\"key\": 1}}', got {value!r} ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: expected a mapping of keyword arguments, got {type(value).__name__}")
+    return dict(value)
+
+
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("rloo.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None) -> RLOOConfig:
-    """A preset name (``tldr-tiny``) or a YAML file, then ``overrides``; unknown keys are errors."""
+# Naming one of these means "my own run": it starts from the library defaults, not the default preset.
+OWN_RUN_FIELDS = ("model_name_or_path", "dataset_name", "reward_funcs", "reward_model_name_or_path")
+
+
+def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None,
+                origin: str = "given") -> RLOOConfig:
+    """A preset name (``tldr-tiny``) or a YAML file, then ``overrides`` (their ``origin``: "flag" from the CLI);
+    unknown keys are errors. Without a name: the default preset, unless the overrides name a model, a
+    dataset or rewards of their own, which start from the library defaults (TRL's where TRL has the field)."""
+    overrides = overrides or {}
+    if name_or_path is None and any(ALIASES.get(key, key) in OWN_RUN_FIELDS for key in overrides):
+        return RLOOConfig().update(overrides, origin)
     name_or_path = name_or_path or DEFAULT_PRESET
     if name_or_path in preset_names():
         text = resources.files("rloo.configs").joinpath(f"{name_or_path}.yaml").read_text()
-        preset = name_or_path
+        preset, source = name_or_path, f"preset {name_or_path}"
     elif Path(name_or_path).is_file():
-        text = Path(name_or_path).read_text()
-        preset = None
+        text, preset, source = Path(name_or_path).read_text(), None, f"file {Path(name_or_path).name}"
     else:
         raise ValueError(f"--config '{name_or_path}': not a preset ({', '.join(preset_names())}) nor a YAML file")
     values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
         raise ValueError(f"config '{name_or_path}': expected a mapping of field: value")
-    cfg = RLOOConfig()
-    cfg.update(values)
+    cfg = RLOOConfig().update(values, source)
     if preset and values.get("preset") is None:
-        cfg.preset = preset
-    cfg.update(overrides or {})
-    return cfg
+        cfg.set("preset", preset, source)
+    return cfg.update(overrides, origin)

@@ -185,11 +185,12 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 # ------------------------------------------------------------------------------ text and token ids
-def render_prompt(prompt: str | list[dict], tokenizer: Any) -> str:
+def render_prompt(prompt: str | list[dict], tokenizer: Any, chat_template_kwargs: dict | None = None) -> str:
     """Text unchanged; chat messages through the tokenizer's chat template, ready for the completion.
 
     As TRL's ``maybe_apply_chat_template``: a generation prompt is added, unless the last message
-    is the assistant's, which is then continued (a prefilled answer).
+    is the assistant's, which is then continued (a prefilled answer). ``chat_template_kwargs`` (TRL's
+    name) go to the template, e.g. ``{"enable_thinking": False}``.
     """
     if isinstance(prompt, str):
         return prompt
@@ -200,7 +201,8 @@ def render_prompt(prompt: str | list[dict], tokenizer: Any) -> str:
         )
     continue_final = prompt[-1]["role"] == "assistant"
     return tokenizer.apply_chat_template(
-        prompt, tokenize=False, add_generation_prompt=not continue_final, continue_final_message=continue_final
+        prompt, tokenize=False, add_generation_prompt=not continue_final, continue_final_message=continue_final,
+        **(chat_template_kwargs or {}),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -16,7 +17,7 @@ from rloo.rollout import sample, score
 
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples: int | None = None,
-             seed: int = 1234, batch_size: int = 50, accelerator=None, generator=None) -> dict:
+             seed: int = 1234, batch_size: int = 50, accelerator=None, generator=None, autocast=None) -> dict:
     """Score one completion (sampled at the training temperature, fixed seed) for each of the first
     ``num_samples`` prompts of ``dataset``. Returns reward_mean/std, per-source means, completion
     length, num_prompts and the per-prompt rewards (for paired before/after comparisons).
@@ -24,14 +25,16 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     With an ``accelerator`` of several processes, each scores a contiguous share of the prompts and
     the per-prompt results are gathered (each prompt's seed is its own, so the figures do not change).
     Every process scores the same number of prompts (the last shares topped up with prompts from the
-    start, whose results are dropped): under FSDP / ZeRO-3 each forward is a collective."""
+    start, whose results are dropped): under FSDP / ZeRO-3 each forward is a collective. ``autocast``: the
+    compute dtype's context (a run's ``Run.autocast``), as training computes."""
     own = generator is None  # else the run's own (a vLLM engine is not started twice)
     if own:
         generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer),
                                     lockstep(accelerator, cfg.ds3_gather_for_generation))
     try:
-        return _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, num_samples, seed,
-                         batch_size)
+        with (autocast or contextlib.nullcontext)():
+            return _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, num_samples, seed,
+                             batch_size)
     finally:
         if own:
             generator.close()
@@ -54,11 +57,11 @@ def _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, n
         for start in range(0, len(mine), batch_size):
             indices = list(mine[start : start + batch_size])
             prompts, columns = gather_rows(dataset, indices)
-            texts = [render_prompt(p, tokenizer) for p in prompts]
+            texts = [render_prompt(p, tokenizer, cfg.chat_template_kwargs) for p in prompts]
             prompt_ids = tokenize_prompts(texts, tokenizer, limit, warn=False).input_ids
             with gathered_for_generation(accelerator, model, gather):
                 rollout = sample(generator, tokenizer, texts, prompt_ids, columns, 1, device,
-                                 prompt_seeds(seed, 0, indices))
+                                 prompt_seeds(seed, 0, indices), raw_prompts=prompts)
             rollout = score(rollout, sources, cfg.missing_eos_penalty)
             rewards.append(rollout.rewards_BF.cpu())
             scores.append(rollout.scores_B.cpu())

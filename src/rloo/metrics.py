@@ -48,9 +48,10 @@ def step_metrics(step: int, samples: dict[str, torch.Tensor], k: int, sources, u
         "advantage_abs_mean": samples["advantages_B"].abs().mean().item(),
         # mean |log pi_vLLM - log pi_train| per completion token (null with the transformers backend): a large gap
         # means the ratio is off 1 on-policy and clipping acts silently (bf16 kernels, a stale weight sync).
-        "sampling_logprob_gap": (samples["logprob_gap_sum_B"].sum() / samples["lengths_B"].sum().clamp(min=1)).item(),
+        "sampling_logprob_gap": update["logprob_gap_sum"] / max(update["num_tokens"], 1.0),
         "loss": update["loss"],
         "clip_ratio": update["clip_ratio"],
+        "aux_loss": update.get("aux_loss"),
         "grad_norm": update["grad_norm"],
         "learning_rate": learning_rate,
         "episodes_per_s": len(scores_B) / max(seconds, 1e-9),

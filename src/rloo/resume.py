@@ -97,7 +97,8 @@ def fingerprint(run: Run) -> dict:
     return {
         "num_generations": cfg.num_generations, "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_iterations": cfg.num_iterations,
-        "num_processes": cfg.sizes.num_processes, "architecture": architecture,
+        "num_processes": cfg.sizes.num_processes, "architecture": architecture, "precision": run.precision.name,
+        "steps_per_generation": cfg.sizes.num_steps_per_generation,
         "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16],
     }
 

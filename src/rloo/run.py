@@ -15,21 +15,17 @@ from accelerate.utils import set_seed
 from transformers import get_scheduler
 
 from rloo.checkpoint import committed_checkpoints
-from rloo.config import RLOOConfig, validate
+from rloo.config import RLOOConfig
 from rloo.data import PromptSampler, load_prompt_dataset
-from rloo.distributed import lockstep, prepare_frozen, setup_strategy
+from rloo.distributed import lockstep, prepare_frozen, setup_strategy, strategy
 from rloo.generation import Generator, build_generator
-from rloo.models import (
-    disable_dropout,
-    eos_token_ids,
-    frozen_copy,
-    load_policy,
-    load_tokenizer,
-    prompt_token_limit,
-    resolve_model_path,
-)
+from rloo.models import (disable_dropout, eos_token_ids, frozen_copy, load_policy, load_tokenizer, prompt_token_limit,
+                         resolve_model_path, router_aux_loss_coef)
+from rloo.logprobs import choose_prompt_sharing
+from rloo.precision import Precision, mixed_precision_mode, resolve_precision, warn_if_updates_vanish
 from rloo.rewards import RewardSources, build_rewards
 from rloo.rewards.model import RewardModel
+from rloo.sizes import MODEL_INIT_FIELDS, normalize, validate
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +48,19 @@ class Run:
     scheduler: Any
     output_dir: Path
     start_model: str
+    precision: Precision
+    aux_loss_coef: float  # router load-balancing loss weight (MoE policies); 0 = off
+    dropout_rates: dict  # the policy config's own dropout rates (models.restored_config when saving)
     counters: dict = field(default_factory=lambda: dict.fromkeys(
         ("num_truncated_prompts", "num_reward_errors", "num_nonfinite_steps", "consecutive_nonfinite_steps"), 0))
     stop_signal: int | None = None  # set by SIGINT / SIGTERM
     prompt_limit: int | None = None  # max_prompt_length, lowered to fit the model's context (models.prompt_token_limit)
     generator_stale: bool = False  # the policy changed since the generator last took its weights
+
+
+    def autocast(self):
+        """The compute dtype of every forward pass (``bf16`` / ``fp16``); nothing in full precision."""
+        return self.accelerator.autocast()
 
 
 def sync_generator(run: Run) -> None:
@@ -69,28 +73,45 @@ def sync_generator(run: Run) -> None:
 
 
 
-def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_dataset) -> Run:
+def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_dataset,
+          reward_processing_classes=None) -> Run:
     """Validate, then load data, policy, reference, rewards and the optimizer (cheap checks first)."""
     if rewards is not None:
-        cfg.reward_funcs = [r if isinstance(r, str) else f"{r.__module__}:{getattr(r, '__qualname__', r)}" for r in rewards]
+        rewards = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]  # TRL: one or a list
+        cfg.set("reward_funcs", [reward_spec(r) for r in rewards], "train(rewards=...)")
+        cfg.set("reward_model_name_or_path", None, "train(rewards=...)")  # TRL: rewards= holds every source
     if cfg.resume_from_checkpoint not in (None, "latest") and cfg.output_dir is None:
         cfg.output_dir = str(Path(cfg.resume_from_checkpoint).parent.parent)  # <run>/checkpoints/step-N
+    normalize(cfg)  # TRL's generation_kwargs / model_init_kwargs into their fields
     validate(cfg)  # config errors before any data or model is touched
+    if model is None and cfg.model_name_or_path is None:
+        raise ValueError("model_name_or_path: name the policy (a folder or hub id; train(model=...) in Python), or "
+                         "start from a preset: --config tldr-tiny")
+    if train_dataset is None and cfg.dataset_name is None:
+        raise ValueError("train_dataset: give the training prompts (train(..., train_dataset=...) or --dataset_name), "
+                         "or start from a preset: --config tldr-tiny")
+    cuda = torch.cuda.is_available()
     # cpu=True without CUDA: then torchrun / `accelerate launch --multi_gpu` processes form a gloo group.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision_mode(cfg, cuda))
     setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
     train_dataset, eval_dataset = load_datasets(cfg, train_dataset, eval_dataset)
     sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
-    policy, tokenizer, start_model = load_model(cfg, model, tokenizer)
+    policy, tokenizer, start_model, dropout = load_model(cfg, model, tokenizer)
+    precision = resolve_precision(cfg, accelerator.mixed_precision, next(policy.parameters()).dtype,
+                                  casts_parameters=strategy(accelerator) != "single" and strategy(accelerator) != "ddp")
+    aux_loss_coef = router_aux_loss_coef(policy, cfg.router_aux_loss_coef)
     set_seed(cfg.seed)  # after loading: a first run that builds the tiny policy samples like every later run
-    sources = load_rewards(cfg, rewards, tokenizer)  # a reward model is placed after the policy (prepare_frozen)
-    reference = frozen_copy(policy) if cfg.beta > 0 else None  # copied before the policy is sharded
+    # a reward model is placed after the policy (prepare_frozen), in the compute dtype
+    sources = load_rewards(cfg, rewards, tokenizer, precision.compute or precision.weights, reward_processing_classes)
+    reference = None
+    if cfg.beta > 0:  # copied before the policy is upcast or sharded
+        reference = frozen_copy(policy).to(precision.frozen)
+    policy.to(precision.weights)
+    warn_if_updates_vanish(policy, cfg.learning_rate, precision)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-    # transformers' "constant" ignores warm-up; its "constant_with_warmup" is what a warm-up ratio asks for.
-    schedule = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=int(cfg.warmup_ratio * sizes.max_steps),
-                              num_training_steps=sizes.max_steps)
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                                  fused=cfg.optim == "adamw_torch_fused" or None)
+    scheduler = build_scheduler(cfg, optimizer, sizes.max_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.train()
     if reference is not None:  # sharded like the policy under FSDP / ZeRO-3, else a whole copy on the device
@@ -99,30 +120,68 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         if isinstance(fn, RewardModel):
             fn.model, fn.device = prepare_frozen(accelerator, fn.model), accelerator.device
     unwrapped = accelerator.unwrap_model(policy)
-    sampler = PromptSampler(len(train_dataset), sizes.num_prompts_per_process, cfg.seed,
+    if cfg.share_prompt_prefix:  # how this architecture shares prompts, checked on a probe batch (logprobs.py)
+        choose_prompt_sharing(policy, reference)
+    sampler = PromptSampler(len(train_dataset), sizes.num_prompts_per_generation, cfg.seed,
                             accelerator.process_index, accelerator.num_processes, cfg.shuffle_dataset)
     output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
     cfg.output_dir = str(output_dir)
     if not cfg.resume_from_checkpoint and committed_checkpoints(output_dir):
         raise ValueError(f"output_dir '{output_dir}' holds checkpoints of an earlier run: continue it with "
                          "--resume_from_checkpoint latest, or choose another output_dir")
+    if accelerator.is_main_process:
+        logger.info("%s; config (`rloo train --help` explains each field):\n%s", precision.name, cfg.describe())
     # Last: a vLLM engine (its processes) or server connection, once every check has passed.
     generator = build_generator(cfg, unwrapped, tokenizer, eos_token_ids(unwrapped, tokenizer),
-                                all_done=lockstep(accelerator, cfg.ds3_gather_for_generation))
+                                all_done=lockstep(accelerator, cfg.ds3_gather_for_generation),
+                                dtype=precision.compute or precision.weights)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,
-               sampler, optimizer, scheduler, output_dir, start_model,
+               sampler, optimizer, scheduler, output_dir, start_model, precision, aux_loss_coef, dropout,
                prompt_limit=prompt_token_limit(unwrapped, cfg.max_prompt_length, cfg.max_completion_length))
 
 
-def load_rewards(cfg: RLOOConfig, rewards, tokenizer) -> RewardSources:
+def reward_spec(reward) -> str:
+    """How config.yaml names a reward source given as an object: its spec, a model's name or folder, or
+    ``module:qualname`` of a callable (which `rloo eval` can import only when it is importable)."""
+    if isinstance(reward, str):
+        return reward
+    if isinstance(reward, torch.nn.Module):
+        return getattr(reward, "name_or_path", "") or type(reward).__name__
+    if isinstance(reward, RewardModel):
+        return reward.name
+    name = getattr(reward, "__qualname__", None) or getattr(reward, "__name__", None) or type(reward).__name__
+    return f"{getattr(reward, '__module__', None) or type(reward).__module__}:{name}"
+
+
+def build_scheduler(cfg: RLOOConfig, optimizer: torch.optim.Optimizer, max_steps: int):
+    """transformers' learning-rate schedule; ``warmup_steps`` below 1 is a share of the steps (transformers 5),
+    as ``warmup_ratio`` is (transformers 4)."""
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 1 else (cfg.warmup_steps or cfg.warmup_ratio) * max_steps
+    # transformers' "constant" ignores warm-up; its "constant_with_warmup" is what a warm-up asks for.
+    schedule = "constant_with_warmup" if cfg.lr_scheduler_type == "constant" else cfg.lr_scheduler_type
+    try:
+        return get_scheduler(schedule, optimizer, num_warmup_steps=int(warmup), num_training_steps=max_steps,
+                             scheduler_specific_kwargs=cfg.lr_scheduler_kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lr_scheduler_kwargs {cfg.lr_scheduler_kwargs}: not arguments of the "
+                         f"{cfg.lr_scheduler_type} schedule ({' '.join(str(err).split())})") from None
+
+
+def load_rewards(cfg: RLOOConfig, rewards, tokenizer, dtype: torch.dtype | None = None,
+                 reward_processing_classes=None) -> RewardSources:
     """The run's reward sources; a reward model scores the policy's token ids when it shares the
     policy's vocabulary, each prompt once per group when ``share_prompt_prefix`` (RewardModel)."""
+    model_kwargs = {key: value for key, value in (cfg.model_init_kwargs or {}).items() if key not in MODEL_INIT_FIELDS}
     return build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
                          cfg.reward_model_name_or_path, device="cpu",
                          reward_model_kwargs={"append_eos": cfg.reward_model_append_eos, "policy_tokenizer": tokenizer,
-                                              "share_prompt": cfg.share_prompt_prefix})
+                                              "share_prompt": cfg.share_prompt_prefix, "torch_dtype": dtype,
+                                              "trust_remote_code": cfg.trust_remote_code,
+                                              "chat_template_kwargs": cfg.chat_template_kwargs,
+                                              "model_kwargs": model_kwargs},
+                         reward_processing_classes=reward_processing_classes)
 
 
 def load_datasets(cfg: RLOOConfig, train_dataset, eval_dataset) -> tuple[Any, Any]:
@@ -147,22 +206,23 @@ def load_datasets(cfg: RLOOConfig, train_dataset, eval_dataset) -> tuple[Any, An
         return train, None
 
 
-def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any, str]:
-    """The policy (a name, or a model object), its tokenizer (with a pad token), dropout off."""
+def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any, str, dict]:
+    """The policy (a name, or a model object), its tokenizer (with a pad token), dropout off (and the
+    config's own dropout rates, which the saved folder keeps)."""
     if model is None or isinstance(model, str):
         start_model = resolve_model_path(model or cfg.model_name_or_path)
-        policy = load_policy(start_model, cfg.torch_dtype, cfg.trust_remote_code)
+        extra = {key: value for key, value in (cfg.model_init_kwargs or {}).items() if key not in MODEL_INIT_FIELDS}
+        policy = load_policy(start_model, cfg.torch_dtype, cfg.trust_remote_code, revision=cfg.model_revision,
+                             attn_implementation=cfg.attn_implementation, **extra)
     else:
         policy, start_model = model, getattr(model, "name_or_path", "") or "in-memory model"
     cfg.model_name_or_path = start_model
     if tokenizer is None:
-        tokenizer = load_tokenizer(start_model, cfg.trust_remote_code)
+        tokenizer = load_tokenizer(start_model, cfg.trust_remote_code, revision=cfg.model_revision)
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    disable_dropout(policy)
+    dropout = disable_dropout(policy) if cfg.disable_dropout else {}
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
-    return policy, tokenizer, start_model
-
-
+    return policy, tokenizer, start_model, dropout

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from rloo.hub import is_local
+from rloo.models import restored_config
 
 RLOO_BIBTEX = """@inproceedings{ahmadian2024back,
     title     = {{Back to Basics: Revisiting REINFORCE-Style Optimization for Learning from Human Feedback in LLMs}},
@@ -56,7 +57,8 @@ def save_run_folder(run, summary: dict | None, state_dict: dict | None = None) -
     gen.do_sample, gen.temperature, gen.max_new_tokens = True, cfg.temperature, cfg.max_completion_length
     gen.top_p, gen.top_k = cfg.top_p, (cfg.top_k or None)
     gen.eos_token_id, gen.pad_token_id = run.generator.eos_token_ids, run.tokenizer.pad_token_id
-    model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
+    with restored_config(run.dropout_rates):  # the folder keeps the model's own dropout rates
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     run.tokenizer.save_pretrained(out)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     if summary is not None:

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from rloo.data import BUNDLED_DATASETS, left_pad, right_pad, tokenize_prompts
-from rloo.models import completion_logprobs
+from rloo.logprobs import completion_logprobs
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rloo.checkpoint import TrainState
-from rloo.config import RLOOConfig, load_config
+from rloo.config import RLOOConfig
 from rloo.data import gather_rows, render_prompt, tokenize_prompts
 from rloo.distributed import full_state_dict, gathered_for_generation
 from rloo.errors import (
@@ -59,19 +59,25 @@ def train(
     *,
     model: str | torch.nn.Module | None = None,
     tokenizer: Any = None,
-    rewards: Sequence[str | Callable] | None = None,
+    rewards: Sequence[str | Callable] | str | Callable | None = None,
     train_dataset: Any = None,
     eval_dataset: Any = None,
+    reward_processing_classes: Any = None,
 ) -> TrainResult:
-    """Fine-tune a causal LM with RLOO. ``model``, ``rewards`` and the datasets override the config's
-    names; ``rewards`` may hold callables ``fn(prompts, completions, **columns) -> list[float | None]``.
+    """Fine-tune a causal LM with RLOO; TRL's ``RLOOTrainer(model, reward_funcs, args, train_dataset, ...)``
+    maps to ``train(args, model=..., rewards=..., train_dataset=...)``.
+
+    ``config``: an RLOOConfig (default: the library defaults, TRL's where TRL has the field). ``model``,
+    ``rewards`` and the datasets override the config's names; ``rewards`` is one source or a list, each a
+    callable with TRL's reward contract (``rloo.rewards``), a spec string, or a sequence-classification
+    model (its tokenizer in ``reward_processing_classes``, aligned with ``rewards``, TRL's name).
 
     Checkpoints every ``save_steps`` (checkpoint.py); ``resume_from_checkpoint`` continues a run
     bit-identically. SIGINT / SIGTERM finish the step, write a checkpoint and raise TrainingInterrupted;
     a reward function that raises, or ``max_nonfinite_steps`` skipped steps in a row, write a checkpoint
     of the state before the failing step and raise."""
-    cfg = copy.deepcopy(config) if config is not None else load_config()
-    run = setup(cfg, model, tokenizer, rewards, train_dataset, eval_dataset)
+    cfg = copy.deepcopy(config) if config is not None else RLOOConfig()
+    run = setup(cfg, model, tokenizer, rewards, train_dataset, eval_dataset, reward_processing_classes)
     try:
         with stop_on_signals(run):
             return _train(run)
@@ -136,46 +142,21 @@ def stop_if_asked(run: Run, state: TrainState) -> None:
 
 
 def training_step(run: Run, state: TrainState, step: int) -> dict:
-    """Phases 1-4 of one optimizer step; the generation batch is made every num_iterations steps."""
+    """Phases 1-4 of one optimizer step. A generation batch serves ``num_steps_per_rollout`` steps
+    (``steps_per_generation / gradient_accumulation_steps`` slices, ``num_iterations`` passes); each
+    step trains on its slice of it."""
     cfg, sizes = run.cfg, run.cfg.sizes
     start, timings = time.perf_counter(), {}
-    if (step - 1) % cfg.num_iterations == 0:
-        rows = next(run.sampler)
-        with timed(timings, "generate"):  # phase 1
-            rollout = sample_rollout(run, rows, step)
-        with timed(timings, "score"):  # phase 2
-            errors: list[str] = []
-            failure = None
-            try:
-                score(rollout, run.sources, cfg.missing_eos_penalty, cfg.reward_errors, errors)
-            except RewardFunctionError as err:
-                failure = err
-            if run.accelerator.num_processes > 1:  # one process's failure stops them all (no one left waiting)
-                flag = torch.tensor([failure is not None], dtype=torch.int32, device=run.accelerator.device)
-                if run.accelerator.reduce(flag, "max").item() and failure is None:
-                    failure = RewardFunctionError("a reward function raised on another process (its message is there)")
-            if failure is not None:
-                raise failure
-            for line in errors:
-                logger.warning("step %d: %s", step, line)
-            run.counters["num_reward_errors"] += len(errors)
-        if run.reference is not None:  # phase 3
-            with timed(timings, "reference"):
-                add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_micro_batch,
-                             "ref_logprobs_BT", cfg.share_prompt_prefix)
-        if cfg.num_iterations > 1 or cfg.normalize_advantages:
-            # The batch is reused or normalised as a whole: its sampling-policy log-probs are needed up front.
-            with timed(timings, "old_policy"):
-                add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_micro_batch,
-                             "old_logprobs_BT", cfg.share_prompt_prefix)
-            add_advantages(rollout, rollout.old_logprobs_BT, cfg.beta, cfg.kl_estimator)
-            if cfg.normalize_advantages:
-                rollout.advantages_B = normalize_over_processes(run, rollout.advantages_B)
-        state.rollout = rollout
+    position = (step - 1) % sizes.num_steps_per_rollout
+    logged: dict[str, float] = {}  # reward functions' log_metric values
+    if position == 0:
+        state.rollout = make_rollout(run, step, timings, logged)
     rollout = state.rollout
+    part = position % sizes.num_steps_per_generation
+    rows_per_step = sizes.num_completions_per_generation // sizes.num_steps_per_generation
     learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
     with timed(timings, "update"):  # phase 4
-        update = policy_update(run, rollout)
+        update = policy_update(run, rollout, part * rows_per_step, (part + 1) * rows_per_step)
     if update["skipped"]:
         run.counters["num_nonfinite_steps"] += 1
         run.counters["consecutive_nonfinite_steps"] += 1
@@ -186,12 +167,15 @@ def training_step(run: Run, state: TrainState, step: int) -> dict:
     else:
         run.counters["consecutive_nonfinite_steps"] = 0
     state.step = step
-    if step % cfg.num_iterations == 0:
+    if position == sizes.num_steps_per_rollout - 1:
         state.rollout = None  # used up: the next step samples a new batch
     samples, update = across_processes(run, rollout, update)
     metrics = step_metrics(step, samples, cfg.num_generations, run.sources, update, time.perf_counter() - start,
                            learning_rate)
+    if not run.aux_loss_coef:
+        metrics.pop("aux_loss")
     metrics.update(timings)
+    metrics.update(reduce_logged(run, logged))
     names = ("num_truncated_prompts", "num_reward_errors")
     counts = torch.tensor([run.counters[name] for name in names], device=run.accelerator.device)
     if run.accelerator.num_processes > 1:  # each process counts its own prompts and samples
@@ -199,6 +183,93 @@ def training_step(run: Run, state: TrainState, step: int) -> dict:
     metrics.update(dict(zip(names, counts.tolist())))
     metrics["num_nonfinite_steps"] = run.counters["num_nonfinite_steps"]  # a step is skipped by all processes
     return metrics
+
+
+def make_rollout(run: Run, step: int, timings: dict, logged: dict) -> Rollout:
+    """Phases 1-3 for a new generation batch, under the run's compute dtype: sample, score, reference
+    log-probs; and, when the batch is not trained on whole and at once (``upfront``), the sampling
+    policy's log-probs and the advantages over the whole batch."""
+    cfg, sizes = run.cfg, run.cfg.sizes
+    rows = next(run.sampler)
+    with run.autocast():
+        with timed(timings, "generate"):  # phase 1
+            rollout = sample_rollout(run, rows, step)
+        with timed(timings, "score"):  # phase 2
+            logged.update(score_rollout(run, rollout, step))
+        if run.reference is not None:  # phase 3
+            with timed(timings, "reference"):
+                add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_pass, "ref_logprobs_BT",
+                             cfg.share_prompt_prefix)
+        advantages, old_logprobs = upfront(cfg, sizes)
+        if old_logprobs:
+            with timed(timings, "old_policy"):
+                add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_pass, "old_logprobs_BT",
+                             cfg.share_prompt_prefix)
+    if advantages:
+        add_advantages(rollout, rollout.old_logprobs_BT, cfg.beta, cfg.kl_estimator)
+        if cfg.normalize_advantages:
+            rollout.advantages_B = normalize_over_processes(run, rollout.advantages_B)
+    return rollout
+
+
+def upfront(cfg: RLOOConfig, sizes) -> tuple[bool, bool]:
+    """Whether a generation batch needs its advantages and its sampling policy's log-probs before the update.
+
+    Not when each micro-batch holds whole prompt groups and the batch makes one optimizer step once
+    (the paper's on-policy REINFORCE): the training forward's detached log-probs are the sampling
+    policy's, and each group's advantages come from its own micro-batch. Otherwise the advantages are
+    taken over the whole batch first (leave-one-out needs every sibling, normalisation every sample),
+    with the sampling policy's log-probs for the KL and for the ratio of rows trained after an update."""
+    reused = cfg.num_iterations > 1 or sizes.num_steps_per_generation > 1
+    split_groups = sizes.num_completions_per_micro_batch % cfg.num_generations != 0
+    advantages = reused or split_groups or cfg.normalize_advantages
+    return advantages, reused or (advantages and cfg.beta > 0)
+
+
+def score_rollout(run: Run, rollout: Rollout, step: int) -> dict[str, float]:
+    """Phase 2 with TRL's extra arguments (``trainer_state``, ``log_metric``, ``log_extra``); a reward function
+    that raises on one process stops every process. Returns the mean of each ``log_metric`` name."""
+    cfg = run.cfg
+    errors: list[str] = []
+    failure = None
+    logged: dict[str, list[float]] = {}
+    shared = {"trainer_state": trainer_state(run, step),
+              "log_metric": lambda name, value: logged.setdefault(str(name), []).append(float(value)),
+              "log_extra": lambda column, values: None}  # accepted (TRL's signature); not recorded yet
+    try:
+        score(rollout, run.sources, cfg.missing_eos_penalty, cfg.reward_errors, errors, shared)
+    except RewardFunctionError as err:
+        failure = err
+    if run.accelerator.num_processes > 1:  # one process's failure stops them all (no one left waiting)
+        flag = torch.tensor([failure is not None], dtype=torch.int32, device=run.accelerator.device)
+        if run.accelerator.reduce(flag, "max").item() and failure is None:
+            failure = RewardFunctionError("a reward function raised on another process (its message is there)")
+    if failure is not None:
+        raise failure
+    for line in errors:
+        logger.warning("step %d: %s", step, line)
+    run.counters["num_reward_errors"] += len(errors)
+    return {name: sum(values) / len(values) for name, values in logged.items()}
+
+
+def trainer_state(run: Run, step: int):
+    """transformers' TrainerState as TRL hands it to reward functions: the optimizer steps done so far."""
+    from transformers import TrainerState
+
+    sampler, sizes = run.sampler, run.cfg.sizes
+    return TrainerState(global_step=step - 1, max_steps=sizes.max_steps, num_train_epochs=run.cfg.num_train_epochs,
+                        epoch=sampler.epoch + sampler.position / sampler.num_rows, logging_steps=run.cfg.logging_steps,
+                        save_steps=run.cfg.save_steps, train_batch_size=run.cfg.per_device_train_batch_size)
+
+
+def reduce_logged(run: Run, logged: dict[str, float]) -> dict[str, float]:
+    """The values reward functions gave ``log_metric`` at this step, averaged over processes."""
+    if run.accelerator.num_processes > 1:
+        parts = [None] * run.accelerator.num_processes
+        torch.distributed.all_gather_object(parts, logged)
+        names = sorted({name for part in parts for name in part})
+        logged = {name: sum(p[name] for p in parts if name in p) / sum(name in p for p in parts) for name in names}
+    return {name if name not in RESERVED_METRICS else f"log_metric/{name}": value for name, value in logged.items()}
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -228,11 +299,14 @@ def stop_on_signals(run: Run):
             signal.signal(sig, handler)
 
 
+RESERVED_METRICS = {"step", "reward", "reward_std", "kl", "entropy", "loss", "grad_norm", "learning_rate"}
+
+
 def sample_rollout(run: Run, rows: list[int], step: int) -> Rollout:
     """Phase 1 for one batch of prompt rows: render, tokenize (left-truncate), sample k each."""
     sync_generator(run)
     prompts, columns = gather_rows(run.train_dataset, rows)
-    texts = [render_prompt(p, run.tokenizer) for p in prompts]
+    texts = [render_prompt(p, run.tokenizer, run.cfg.chat_template_kwargs) for p in prompts]
     tokenized = tokenize_prompts(texts, run.tokenizer, run.prompt_limit, warn=False)
     if tokenized.num_truncated and run.counters["num_truncated_prompts"] == 0:
         logger.warning("prompts longer than %d tokens (max_prompt_length, or the model's context minus "
@@ -242,7 +316,7 @@ def sample_rollout(run: Run, rows: list[int], step: int) -> Rollout:
     with gathered_for_generation(run.accelerator, run.accelerator.unwrap_model(run.policy),
                                  run.cfg.ds3_gather_for_generation):
         return sample(run.generator, run.tokenizer, texts, tokenized.input_ids, columns, run.cfg.num_generations,
-                      run.accelerator.device, prompt_seeds(run.cfg.seed, step, rows))
+                      run.accelerator.device, prompt_seeds(run.cfg.seed, step, rows), raw_prompts=prompts)
 
 
 def run_evaluation(run: Run, when: str) -> dict | None:
@@ -251,7 +325,7 @@ def run_evaluation(run: Run, when: str) -> dict | None:
     sync_generator(run)
     policy = run.accelerator.unwrap_model(run.policy)
     result = evaluate(policy, run.tokenizer, run.eval_dataset, run.sources, run.cfg, run.cfg.num_eval_samples,
-                      accelerator=run.accelerator, generator=run.generator)
+                      accelerator=run.accelerator, generator=run.generator, autocast=run.autocast)
     policy.train()
     if run.accelerator.is_main_process:
         logger.info("held-out reward %s training: %.4f", when, result["reward_mean"])

@@ -50,14 +50,15 @@ def prompt_seeds(seed: int, step: int, rows: list[int]) -> list[int]:
     return [(seed * 1_000_003 + step) * 1_000_033 + row for row in rows]
 
 
-def build_generator(cfg, model, tokenizer, eos_token_ids: list[int], all_done=None) -> Generator:
+def build_generator(cfg, model, tokenizer, eos_token_ids: list[int], all_done=None, dtype=None) -> Generator:
     """The generation backend for ``cfg``: the training model itself (transformers), or vLLM colocated
     or behind ``rloo vllm-serve`` (``use_vllm``, ``vllm_mode``). ``all_done(done_here) -> bool``: given
-    when the processes must decode in step (distributed.lockstep)."""
+    when the processes must decode in step (distributed.lockstep). ``dtype``: the compute dtype, which a
+    vLLM engine holds the weights in."""
     if cfg.use_vllm:
         from rloo.generation.vllm import build_vllm_generator
 
-        return build_vllm_generator(cfg, model, tokenizer, eos_token_ids)
+        return build_vllm_generator(cfg, model, tokenizer, eos_token_ids, dtype)
     from rloo.generation.hf import HFGenerator
 
     return HFGenerator(
@@ -68,6 +69,8 @@ def build_generator(cfg, model, tokenizer, eos_token_ids: list[int], all_done=No
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=cfg.top_k,
+        min_p=cfg.min_p,
+        repetition_penalty=cfg.repetition_penalty,
         share_prompt=cfg.share_prompt_prefix,
         all_done=all_done,
     )

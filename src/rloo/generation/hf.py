@@ -1,12 +1,17 @@
 """Sampling on the training model itself (no weight copy needed), with transformers models.
 
 A lean decode loop instead of ``model.generate`` (whose per-token overhead dominates for small models):
-transformers' own temperature / top-k / top-p warpers in generate's order, then one categorical draw
-per row and token (``sample_categorical``). The KV cache is written in place
-(``models.ReservedCacheLayer``). ``share_prompt=True`` (default) prefills each of the P distinct
-prompts once and repeats its cache k times (DESIGN.md §3); ``share_prompt=False`` prefills the
-prompts repeated k times. Both sample the same tokens for the same seed (a test), and greedy
-decoding gives exactly ``generate``'s tokens (a test).
+transformers' own repetition-penalty, temperature, top-k, top-p and min-p processors in generate's
+order, then one categorical draw per row and token (``sample_categorical``). ``share_prompt=True``
+(default) prefills each of the P distinct prompts once and repeats its cache k times (DESIGN.md §3);
+``share_prompt=False`` prefills the prompts repeated k times. Both sample the same tokens for the same
+seed (a test), and greedy decoding gives exactly a plain no-cache loop's tokens on every architecture
+the tests build (full and sliding-window attention, ALiBi, state-space and hybrid models).
+
+The prefill takes the 2D padding mask, from which transformers builds each layer's own mask (a
+sliding window, ALiBi, a recurrent layer's padding); the cache it returns is repeated with its own
+``reorder_cache``, except that full-attention layers go into a buffer with room for the completion
+(``ReservedCacheLayer``), written in place at each decode step.
 """
 
 from __future__ import annotations
@@ -14,18 +19,24 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from dataclasses import dataclass
+from typing import Any
 
+from transformers.cache_utils import DynamicLayer
+from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+from rloo.architecture import architecture, cache_of, forward_kwargs
 from rloo.data import left_pad
 from rloo.generation import Completions, cut_at_eos
-from rloo.models import SharedPrefill, prefill_shared
 
 
 class HFGenerator:
     def __init__(self, model, *, pad_token_id: int, eos_token_ids: list[int], max_new_tokens: int,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, do_sample: bool = True,
-                 share_prompt: bool = True, all_done: Callable[[bool], bool] | None = None):
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, min_p: float | None = None,
+                 repetition_penalty: float = 1.0, do_sample: bool = True, share_prompt: bool = True,
+                 all_done: Callable[[bool], bool] | None = None):
         self.model = model
         # Several processes over a sharded policy whose weights are not gathered: each forward is a collective,
         # so every process decodes until all are done (distributed.lockstep).
@@ -35,16 +46,19 @@ class HFGenerator:
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
         self.share_prompt = share_prompt
-        # The warpers generate applies, in its order (temperature, top-k, top-p). Nothing is read from the
-        # checkpoint's generation_config.json (repetition penalty, min length...): it would silently change
-        # the sampling distribution the objective assumes.
+        # The processors generate applies, in its order (repetition penalty, then the warpers temperature,
+        # top-k, top-p, min-p), only those the config names: nothing is read from the checkpoint's
+        # generation_config.json, which would silently change the sampling distribution.
         self.warpers = LogitsProcessorList()
+        self.repetition = RepetitionPenaltyLogitsProcessor(repetition_penalty) if repetition_penalty != 1.0 else None
         if do_sample and temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(temperature))
         if do_sample and top_k:
             self.warpers.append(TopKLogitsWarper(top_k))
         if do_sample and top_p < 1.0:
             self.warpers.append(TopPLogitsWarper(top_p))
+        if do_sample and min_p:
+            self.warpers.append(MinPLogitsWarper(min_p))
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], num_generations: int, seeds: list[int] | None = None) -> Completions:
@@ -61,6 +75,7 @@ class HFGenerator:
                 prefill = prefill_shared(self.model, prompt_ids_PL.repeat_interleave(num_generations, 0),
                                          prompt_mask_PL.repeat_interleave(num_generations, 0), 1,
                                          reserve=self.max_new_tokens)
+            prefill.prompt_ids_BL = prompt_ids_PL.repeat_interleave(num_generations, 0)
             generators = None
             if seeds is not None:  # each prompt's k rows draw their noise from the prompt's own generator
                 generators = [torch.Generator(device).manual_seed(seed % 2**63) for seed in seeds]
@@ -71,12 +86,16 @@ class HFGenerator:
 
     def _decode(self, prefill: SharedPrefill, generators: list[torch.Generator] | None = None) -> torch.Tensor:
         """Decode the B prefilled rows token by token, until every row has emitted an EOS or the limit."""
+        arch = architecture(self.model)
         cache, logits_BV = prefill.cache, prefill.last_logits_BV.float()
         attention_mask, position_B = prefill.attention_mask_BL, prefill.next_position_B
         eos_E = torch.tensor(self.eos_token_ids, device=logits_BV.device)
         unfinished_B = torch.ones(logits_BV.shape[0], dtype=torch.bool, device=logits_BV.device)
         tokens = []
         for step in range(self.max_new_tokens):
+            if self.repetition is not None:  # over the prompt and the completion so far, as generate's input_ids
+                logits_BV = self.repetition(torch.cat([prefill.prompt_ids_BL, *[t[:, None] for t in tokens]], 1),
+                                            logits_BV)
             if self.do_sample:
                 next_B = sample_categorical(self.warpers(None, logits_BV).softmax(-1), generators)
             else:
@@ -90,9 +109,9 @@ class HFGenerator:
             if done or step == self.max_new_tokens - 1:
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-            out = self.model(input_ids=next_B[:, None], attention_mask=attention_mask, position_ids=position_B[:, None],
-                             past_key_values=cache, use_cache=True)
-            cache, logits_BV, position_B = out.past_key_values, out.logits[:, -1].float(), position_B + 1
+            out = self.model(input_ids=next_B[:, None], use_cache=True,
+                             **forward_kwargs(arch, attention_mask, position_B[:, None], cache, decoding=True))
+            cache, logits_BV, position_B = cache_of(out), out.logits[:, -1].float(), position_B + 1
         return torch.stack(tokens, dim=1)
 
     def load_weights(self, model: torch.nn.Module) -> None:
@@ -121,3 +140,63 @@ def sample_categorical(probs_BV: torch.Tensor, generators: list[torch.Generator]
                                 for g in generators])
     noise_BV = uniform_BV.log_().neg_()  # Exp(1); U = 0 -> inf -> loses
     return (probs_BV.float() / noise_BV).argmax(-1)
+
+
+@dataclass
+class SharedPrefill:
+    """For generation: P prompts run once, their state repeated for k completions each (B = P * k rows)."""
+
+    cache: Any  # the model's cache, batch repeated k times
+    last_logits_BV: torch.Tensor  # logits at each prompt's last token: they predict completion token 0
+    attention_mask_BL: torch.Tensor  # the prompt mask, repeated k times
+    next_position_B: torch.Tensor  # each prompt's own length: where its completions' positions start
+    prompt_ids_BL: torch.Tensor | None = None  # the prompts, repeated k times (repetition penalty)
+
+
+def prefill_shared(model, prompt_ids_PL: torch.Tensor, prompt_mask_PL: torch.Tensor, k: int,
+                   reserve: int = 0) -> SharedPrefill:
+    """For generation: run each left-padded prompt once and repeat its cache k times (DESIGN.md §3),
+    full-attention layers into buffers with room for ``reserve`` more tokens (``ReservedCacheLayer``)."""
+    arch = architecture(model)
+    positions_PL = (prompt_mask_PL.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids_PL, use_cache=True, logits_to_keep=1,
+                **forward_kwargs(arch, prompt_mask_PL, positions_PL))
+    cache = cache_of(out)
+    if reserve > 0:
+        cache.layers = [ReservedCacheLayer(layer.keys, layer.values, k, reserve) if type(layer) is DynamicLayer
+                        and layer.is_initialized else layer for layer in cache.layers]
+    if k > 1:
+        index_B = torch.arange(prompt_ids_PL.shape[0], device=prompt_ids_PL.device).repeat_interleave(k)
+        for layer in cache.layers:
+            if not isinstance(layer, ReservedCacheLayer):
+                layer.reorder_cache(index_B)
+    attention_mask_BL = prompt_mask_PL.repeat_interleave(k, 0)
+    # Positions continue after each prompt's own length, not the padded width.
+    return SharedPrefill(cache, out.logits[:, -1].repeat_interleave(k, 0), attention_mask_BL, attention_mask_BL.sum(1))
+
+
+class ReservedCacheLayer(DynamicLayer):
+    """transformers' DynamicLayer, batch repeated k times, in a buffer with room for ``reserve`` more
+    tokens: each decode step writes its keys/values in place, where DynamicLayer would concatenate
+    (copying the whole cache every token, most of the decode time for short completions of long prompts)."""
+
+    def __init__(self, keys_PHLD: torch.Tensor, values_PHLD: torch.Tensor, k: int, reserve: int):
+        super().__init__()
+        num_prompts, heads, length, _ = keys_PHLD.shape
+        self._keys = keys_PHLD.new_empty(num_prompts, k, heads, length + reserve, keys_PHLD.shape[-1])
+        self._values = values_PHLD.new_empty(num_prompts, k, heads, length + reserve, values_PHLD.shape[-1])
+        self._keys[:, :, :, :length] = keys_PHLD[:, None]
+        self._values[:, :, :, :length] = values_PHLD[:, None]
+        self._keys, self._values = self._keys.flatten(0, 1), self._values.flatten(0, 1)
+        self.dtype, self.device, self.is_initialized, self.length = keys_PHLD.dtype, keys_PHLD.device, True, length
+        self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        end = self.length + key_states.shape[-2]
+        if end > self._keys.shape[2]:
+            raise ValueError(f"ReservedCacheLayer: {end} tokens exceed the {self._keys.shape[2]} reserved")
+        self._keys[:, :, self.length : end] = key_states
+        self._values[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
+        return self.keys, self.values

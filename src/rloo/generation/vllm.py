@@ -50,6 +50,8 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
     greedy: bool = False
 
     def params(self, num_generations: int, seed: int | None):
@@ -57,7 +59,8 @@ class Sampling:
 
         return SamplingParams(n=1 if self.greedy else num_generations, seed=seed, max_tokens=self.max_tokens,
                               temperature=0.0 if self.greedy else self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, stop_token_ids=self.stop_token_ids, logprobs=0,
+                              top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
+                              stop_token_ids=self.stop_token_ids, logprobs=0,
                               skip_special_tokens=False)
 
 
@@ -125,22 +128,26 @@ def saved_dtype(model_dir: str | Path) -> str:
     return values.get("dtype") or values.get("torch_dtype") or "auto"
 
 
-def state_dict_bytes(model: torch.nn.Module) -> bytes:
-    """The model's weights as safetensors bytes (CPU copies; shared tensors written once)."""
+def state_dict_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> bytes:
+    """The model's weights as safetensors bytes (CPU copies, floating tensors in ``dtype`` when given;
+    shared tensors written once)."""
     seen, tensors = set(), {}
     for name, tensor in model.state_dict().items():
         if tensor.data_ptr() in seen:  # a tied weight: vLLM ties it again when loading
             continue
         seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        tensors[name] = tensor.contiguous()
     return save_safetensors(tensors)
 
 
 class VLLMGenerator:
     """The ``Generator`` over a colocated ``VLLMEngine`` or a ``VLLMClient`` (same two calls)."""
 
-    def __init__(self, backend, sampling: Sampling, pad_token_id: int):
-        self.backend, self.sampling, self.pad_token_id = backend, sampling, pad_token_id
+    def __init__(self, backend, sampling: Sampling, pad_token_id: int, dtype: torch.dtype | None = None):
+        self.backend, self.sampling, self.pad_token_id, self.dtype = backend, sampling, pad_token_id, dtype
         self.eos_token_ids = sampling.stop_token_ids
 
     def generate(self, prompt_ids: list[list[int]], num_generations: int,
@@ -153,26 +160,30 @@ class VLLMGenerator:
         return completions
 
     def load_weights(self, model: torch.nn.Module) -> None:
-        self.backend.load_weights(state_dict_bytes(model))
+        self.backend.load_weights(state_dict_bytes(model, self.dtype))
 
     def close(self) -> None:
         self.backend.close()
 
 
-def build_vllm_generator(cfg, model: torch.nn.Module, tokenizer, eos_token_ids: list[int]) -> VLLMGenerator:
+def build_vllm_generator(cfg, model: torch.nn.Module, tokenizer, eos_token_ids: list[int],
+                         dtype: torch.dtype | None = None) -> VLLMGenerator:
     """``use_vllm``: a colocated engine on the policy's weights, or a client of ``rloo vllm-serve``;
-    either way holding the policy's current weights when this returns."""
-    sampling = Sampling(cfg.max_completion_length, eos_token_ids, cfg.temperature, cfg.top_p, cfg.top_k)
+    either way holding the policy's current weights when this returns. ``dtype``: the engine's (the run's
+    compute dtype: bf16 under --bf16, while the policy keeps float32 master weights)."""
+    sampling = Sampling(cfg.max_completion_length, eos_token_ids, cfg.temperature, cfg.top_p, cfg.top_k,
+                        cfg.min_p or 0.0, cfg.repetition_penalty)
+    dtype = dtype or next(model.parameters()).dtype
     if cfg.vllm_mode == "server":
         backend = VLLMClient(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_timeout)
     else:
         context = getattr(model.config, "max_position_embeddings", None)
         length = (cfg.max_prompt_length or context or 0) + cfg.max_completion_length
-        backend = VLLMEngine(model_folder(model, tokenizer), dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        backend = VLLMEngine(model_folder(model, tokenizer), dtype=str(dtype).removeprefix("torch."),
                              seed=cfg.seed, max_model_len=min(length, context) if context else length,
                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                              tensor_parallel_size=cfg.vllm_tensor_parallel_size)
-    generator = VLLMGenerator(backend, sampling, tokenizer.pad_token_id)
+    generator = VLLMGenerator(backend, sampling, tokenizer.pad_token_id, dtype)
     generator.load_weights(model)  # the engine loaded a folder: the policy in memory may differ from it
     return generator
 

@@ -6,7 +6,8 @@ cannot be judged by a 1B reward model in minutes, but it can learn to copy the r
 words (``rouge_l``), stay on the post (``grounding``), stop repeating itself
 (``no_repeated_bigrams``) and end at a summary's length (``summary_length``).
 
-Each is a plain reward callable, ``fn(prompts, completions, **kwargs) -> list[float]``, scoring
+Each is a plain reward callable, ``fn(prompts, completions, **kwargs) -> list[float]`` (text, or
+conversational messages), scoring
 every completion in [0, 1]; they ignore keyword arguments they do not use. They run every training
 step on 32-64 completions, so they stay light: a regex tokenizer, sets, and one cached ROUGE scorer.
 """
@@ -30,12 +31,19 @@ SUMMARY_LENGTH_HI = 39
 _WORD_RE = re.compile(r"[^\W_]+")
 
 
-def _words(text: str) -> list[str]:
-    return _WORD_RE.findall(text.lower())
+def as_text(value: str | list[dict]) -> str:
+    """Text as it is; conversational messages (a prompt, or a completion ``[{"role": "assistant", ...}]``)
+    as their contents, one per line."""
+    return value if isinstance(value, str) else "\n".join(message["content"] for message in value)
 
 
-def _post(prompt: str) -> str:
+def _words(text: str | list[dict]) -> list[str]:
+    return _WORD_RE.findall(as_text(text).lower())
+
+
+def _post(prompt: str | list[dict]) -> str:
     """The post of a TL;DR prompt: the text between "POST:" and the final "TL;DR:", when present."""
+    prompt = as_text(prompt)
     start = prompt.find("POST:")
     start = 0 if start < 0 else start + len("POST:")
     end = prompt.rfind("TL;DR:")
@@ -76,7 +84,7 @@ def rouge_l(
             "reward function 'rouge_l' needs the reference summaries: the dataset has no 'completion' column"
         )
     scorer = _rouge_scorer()
-    return [float(scorer.score(ref, text)["rougeL"].fmeasure) for ref, text in zip(completion, completions)]
+    return [float(scorer.score(as_text(ref), as_text(text))["rougeL"].fmeasure) for ref, text in zip(completion, completions)]
 
 
 def grounding(prompts: list[str], completions: list[str], **kwargs: Any) -> list[float]:
@@ -92,10 +100,11 @@ def grounding(prompts: list[str], completions: list[str], **kwargs: Any) -> list
     post_words: dict[str, set[str]] = {}  # the k completions of a prompt share its post
     scores = []
     for prompt, text in zip(prompts, completions):
-        if prompt not in post_words:
-            post_words[prompt] = set(_words(_post(prompt)))
+        key = as_text(prompt)
+        if key not in post_words:
+            post_words[key] = set(_words(_post(key)))
         words = _words(text)
-        vocabulary = post_words[prompt]
+        vocabulary = post_words[key]
         scores.append(sum(w in vocabulary for w in words) / len(words) if words else 0.0)
     return scores
 

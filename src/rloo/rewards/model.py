@@ -18,6 +18,7 @@ import inspect
 
 import torch
 
+from rloo.architecture import repeat_cache
 from rloo.data import left_pad, right_pad
 from rloo.hub import from_pretrained
 
@@ -65,6 +66,8 @@ class RewardModel:
         append_eos: bool = False,
         policy_tokenizer: PreTrainedTokenizerBase | None = None,
         share_prompt: bool = True,
+        chat_template_kwargs: dict | None = None,
+        model_kwargs: dict | None = None,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -73,7 +76,8 @@ class RewardModel:
         if max_length is not None and max_length < 1:
             raise ValueError(f"RewardModel: max_length must be >= 1 or None, got {max_length}")
         if isinstance(model_name_or_path, str):
-            kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code}
+            kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
+                                      **(model_kwargs or {})}
             if torch_dtype is not None:
                 kwargs["dtype"] = torch_dtype
             model = from_pretrained(
@@ -101,6 +105,7 @@ class RewardModel:
         self.batch_size = batch_size
         self.max_length = max_length
         self.append_eos = append_eos
+        self.chat_template_kwargs = chat_template_kwargs or {}
         self.scores_token_ids = policy_tokenizer is not None and policy_tokenizer.get_vocab() == tokenizer.get_vocab()
         forward_args = inspect.signature(self._backbone().forward).parameters
         self.share_prompt = share_prompt and {"past_key_values", "position_ids"} <= set(forward_args)
@@ -183,7 +188,7 @@ class RewardModel:
         if int(lengths_B.max()) > 0:
             completion_ids_BT, completion_mask_BT = (t.to(self.device) for t in right_pad(completions, pad))
             cache = prefill.past_key_values
-            cache.batch_select_indices(group_B)
+            repeat_cache(cache, group_B)  # every kind of layer state (architecture.py)
             prompt_mask_BL = prompt_mask_GL[group_B]
             positions_BT = prompt_mask_BL.sum(1, keepdim=True) + torch.arange(completion_ids_BT.shape[1], device=self.device)
             out = backbone(input_ids=completion_ids_BT, attention_mask=torch.cat([prompt_mask_BL, completion_mask_BT], 1),
@@ -192,8 +197,8 @@ class RewardModel:
             hidden_BD = torch.where((lengths_B > 0)[:, None], out[torch.arange(len(completions)), last_B], hidden_BD)
         return self._head()(hidden_BD)[:, 0].float().tolist()
 
-    def _tokenize(self, prompts: list[str], completions: list[str], truncated: list[bool] | None) -> list[list[int]]:
-        texts = [prompt + completion for prompt, completion in zip(prompts, completions, strict=True)]
+    def _tokenize(self, prompts: list, completions: list, truncated: list[bool] | None) -> list[list[int]]:
+        texts = [self._text(prompt, completion) for prompt, completion in zip(prompts, completions, strict=True)]
         # No special tokens, as TRL does: a chat-templated prompt already carries its BOS text.
         ids_per_sequence = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         if self.append_eos:
@@ -201,6 +206,17 @@ class RewardModel:
             eos = self.tokenizer.eos_token_id
             ids_per_sequence = [ids + [eos] if end else ids for ids, end in zip(ids_per_sequence, ended)]
         return self._clip(ids_per_sequence)
+
+    def _text(self, prompt, completion) -> str:
+        """prompt + completion as the reward model reads them: text concatenated, or conversational messages
+        through the reward model's own chat template (TRL's reward-model input)."""
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return prompt + completion
+        messages = (prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}])
+        messages = messages + (completion if isinstance(completion, list) else [{"role": "assistant", "content": completion}])
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("RewardModel: conversational prompts need a reward-model tokenizer with a chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **self.chat_template_kwargs)
 
     @torch.inference_mode()
     def _score(self, ids_per_sequence: list[list[int]]) -> list[float]:
