@@ -35,7 +35,7 @@ class Architecture:
     attention: str | None  # config._attn_implementation: sdpa, eager, flash_attention_2...
     cache_keyword: str  # "past_key_values", or "cache_params" (Mamba, Mamba2)
     arguments: frozenset[str]  # forward's named parameters
-    router: tuple[type, int] | None  # (module class, output index) of MoE router logits; None: not MoE
+    router: object | None  # transformers' OutputRecorder of the MoE router logits; None: not MoE
 
     @property
     def attention_only(self) -> bool:
@@ -81,9 +81,8 @@ def _read_architecture(model: torch.nn.Module) -> Architecture:
     arguments = _forward_arguments(type(model))
     router = None
     for cls in type(model).__mro__:
-        recorder = (getattr(cls, "_can_record_outputs", None) or {}).get("router_logits")
-        if recorder is not None:
-            router = (getattr(recorder, "target_class", recorder), getattr(recorder, "index", 0))
+        router = (getattr(cls, "_can_record_outputs", None) or {}).get("router_logits")
+        if router is not None:
             break
     alibi = bool(getattr(text, "alibi", False)) or text.model_type in ("bloom", "mpt")
     return Architecture(type(model).__name__, tuple(kinds), window, alibi, getattr(text, "_attn_implementation", None),
@@ -135,6 +134,36 @@ def repeat_cache(cache, index_B: torch.Tensor) -> None:
         layer.reorder_cache(index_B)
 
 
+def _is_recorded(recorder, name: str, module: torch.nn.Module) -> bool:
+    """Whether transformers' ``OutputRecorder`` would capture this module's output (its own matching rules:
+    the class, or the end of the module's name; then, if given, the layer name between dots)."""
+    if isinstance(recorder, type):  # a bare class in _can_record_outputs
+        return isinstance(module, recorder)
+    target, class_name = getattr(recorder, "target_class", None), getattr(recorder, "class_name", None)
+    if not ((target is not None and isinstance(module, target)) or (class_name is not None and name.endswith(class_name))):
+        return False
+    layer_name = getattr(recorder, "layer_name", None)
+    return layer_name is None or f".{layer_name.strip('.')}." in f".{name}."
+
+
+def differentiable_updates(cache) -> None:
+    """Make the recurrent layers of ``cache`` store their next states by assignment instead of transformers'
+    in-place copies (kept for CUDA graphs), so a pass with gradients can continue from the cache: a copy
+    into the state it has just read would break that read's backward."""
+    for layer in cache.layers:
+        if not hasattr(layer, "recurrent_states"):
+            continue
+        layer.record_past = True  # conv states: assigned (kept whole), not copied into the old buffer
+
+        def update_recurrent_state(recurrent_states, state_idx=0, _layer=layer, **kwargs):
+            if not _layer.is_recurrent_states_initialized[state_idx]:
+                _layer.lazy_initialization(recurrent_states=recurrent_states, state_idx=state_idx)
+            _layer.recurrent_states[state_idx] = recurrent_states
+            return recurrent_states
+
+        layer.update_recurrent_state = update_recurrent_state
+
+
 class RouterLogits:
     """Router logits of a mixture-of-experts model over the real tokens of a pass, and their load-balancing
     loss (Switch Transformer's, transformers' ``load_balancing_loss_func`` of the model's own module).
@@ -154,10 +183,10 @@ class RouterLogits:
                              "router_aux_loss_coef 0")
         self.num_experts = getattr(root, "num_experts", None) or getattr(root.config, "num_local_experts", None)
         self.top_k = getattr(root, "num_experts_per_tok", None) or getattr(root.config, "num_experts_per_tok", 2)
-        cls, index = arch.router
-        self.index = index
+        self.index = getattr(arch.router, "index", 0)
         self.forwards: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
-        self.handles = [m.register_forward_hook(self._record) for m in root.modules() if isinstance(m, cls)]
+        self.handles = [module.register_forward_hook(self._record) for name, module in root.named_modules()
+                        if _is_recorded(arch.router, name, module)]
 
     def next_forward(self, token_mask_N: torch.Tensor) -> None:
         self.forwards.append((token_mask_N.reshape(-1).bool(), []))

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
-from rloo.architecture import RouterLogits, architecture, cache_of, forward_kwargs, repeat_cache
+from rloo.architecture import (RouterLogits, architecture, cache_of, differentiable_updates, forward_kwargs,
+                               repeat_cache)
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def pass_layout(model, share_prompt: bool, k: int, num_columns: int) -> str:
 @torch.no_grad()
 def choose_prompt_sharing(model, *others) -> str:
     """Settle how ``model`` (and ``others`` of its architecture: the reference) shares prompts: the first
-    layout its architecture allows whose log-probs on a probe batch equal the repeated layout's (1e-4,
+    layout its architecture allows whose log-probs on a probe batch equal the repeated layout's (1e-5,
     or 3e-2 for bf16 / fp16 weights). One info line when the k completions cannot sit side by side."""
     root = getattr(model, "module", model)
     arch = architecture(root)
@@ -96,7 +97,7 @@ def choose_prompt_sharing(model, *others) -> str:
     probe = _probe_batch(root)
     was_training = model.training
     model.eval()
-    tolerance = 1e-4 if next(root.parameters()).dtype == torch.float32 else 3e-2
+    tolerance = 1e-5 if next(root.parameters()).dtype == torch.float32 else 3e-2
     chosen = "repeat"
     # Without autocast: bf16 compute differs between layouts by its own rounding (1e-2), not by a wrong mask.
     try:
@@ -136,14 +137,15 @@ def _why_not_slots(arch) -> str:
 
 
 def _probe_batch(model) -> tuple[torch.Tensor, ...]:
-    """Two left-padded prompts (6 and 4 tokens) with two completions each (3 and 2 tokens), random ids."""
+    """Two left-padded prompts (6 and 4 tokens) with two completions each (6 and 4 tokens), random ids: long
+    enough for a recurrent state that a cached continuation drops to show."""
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (2, 6), generator=generator)
     prompt_mask_PL = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
-    completion_ids_BT = torch.randint(0, vocab, (4, 3), generator=generator)
-    completion_mask_BT = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
+    completion_ids_BT = torch.randint(0, vocab, (4, 6), generator=generator)
+    completion_mask_BT = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0], [1] * 6, [1] * 6])
     return tuple(t.to(device) for t in (ids, prompt_mask_PL, completion_ids_BT, completion_mask_BT))
 
 
@@ -207,6 +209,8 @@ def _rows_logits(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, comple
     head = _plain_output_head(model, out.hidden_states[-1][:, -1:], out.logits[:, -1:])
     cache = cache_of(out)
     repeat_cache(cache, torch.arange(num_prompts, device=prompt_ids_PL.device).repeat_interleave(k))
+    if torch.is_grad_enabled():
+        differentiable_updates(cache)
     mask_BL = torch.cat([prompt_mask_PL.repeat_interleave(k, 0), completion_mask_BT], dim=1)
     positions_BT = prompt_mask_PL.sum(1).repeat_interleave(k)[:, None] + torch.arange(num_tokens, device=mask_BL.device)
     if router is not None:

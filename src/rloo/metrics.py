@@ -46,8 +46,8 @@ def step_metrics(step: int, samples: dict[str, torch.Tensor], k: int, sources, u
         "num_unscorable": int((~torch.isfinite(scores_B)).sum()),
         "num_nonfinite_rewards": int((~torch.isfinite(samples["rewards_BF"])).sum()),  # None/NaN/inf/isolated errors
         "advantage_abs_mean": samples["advantages_B"].abs().mean().item(),
-        # mean |log pi_vLLM - log pi_train| per completion token (null with the transformers backend): a large gap
-        # means the ratio is off 1 on-policy and clipping acts silently (bf16 kernels, a stale weight sync).
+        # mean |log pi_sampler - log pi_train| per completion token (the decode loop's or vLLM's log-probs): a large
+        # gap means the ratio is off 1 on-policy and clipping acts silently (bf16 kernels, a stale weight sync).
         "sampling_logprob_gap": update["logprob_gap_sum"] / max(update["num_tokens"], 1.0),
         "loss": update["loss"],
         "clip_ratio": update["clip_ratio"],

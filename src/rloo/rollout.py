@@ -37,7 +37,7 @@ class Rollout:
     old_logprobs_BT: torch.Tensor | None = None  # float, sampling policy; None when taken from the training forward
     kl_B: torch.Tensor | None = None  # float, sequence KL(old || ref)
     advantages_B: torch.Tensor | None = None  # float
-    sampler_logprobs_BT: torch.Tensor | None = None  # float, the sampling engine's own (vLLM); for a metric only
+    sampler_logprobs_BT: torch.Tensor | None = None  # float, the sampler's own (decode loop or vLLM); for a metric only
 
     @property
     def num_generations(self) -> int:

@@ -136,6 +136,6 @@ def micro_batch_loss(run: Run, mb: Rollout, num_sequences: int) -> tuple[torch.T
         loss = loss + run.aux_loss_coef * aux_loss * (mb.completion_ids_BT.shape[0] / num_sequences)
         loss_metrics["aux_loss"] = aux_loss.item()
     loss_metrics["logprob_gap_sum"] = math.nan
-    if mb.sampler_logprobs_BT is not None:  # vLLM's log-probs against the training model's
+    if mb.sampler_logprobs_BT is not None:  # the sampler's log-probs against the training pass's
         loss_metrics["logprob_gap_sum"] = ((mb.sampler_logprobs_BT - old_logprobs_BT).abs() * mb.completion_mask_BT).sum().item()
     return loss, entropy_BT, loss_metrics

@@ -21,7 +21,7 @@ class Completions:
     completion_ids_BT: torch.Tensor  # long, right padded; tokens up to and including the first EOS
     completion_mask_BT: torch.Tensor  # long, 1 on real tokens (EOS included), 0 on padding
     truncated_B: torch.Tensor  # bool, True where no EOS came within max_completion_length
-    sampler_logprobs_BT: torch.Tensor | None = None  # float, the sampler's log-prob of each token (vLLM); 0 on padding
+    sampler_logprobs_BT: torch.Tensor | None = None  # float, the sampler's log-prob of each token (temperature applied); 0 on padding
 
 
 class Generator(Protocol):

@@ -45,6 +45,7 @@ class HFGenerator:
         self.eos_token_ids = eos_token_ids
         self.max_new_tokens = max_new_tokens
         self.do_sample = do_sample
+        self.temperature = temperature if do_sample else 1.0
         self.share_prompt = share_prompt
         # The processors generate applies, in its order (repetition penalty, then the warpers temperature,
         # top-k, top-p, min-p), only those the config names: nothing is read from the checkpoint's
@@ -79,20 +80,26 @@ class HFGenerator:
             generators = None
             if seeds is not None:  # each prompt's k rows draw their noise from the prompt's own generator
                 generators = [torch.Generator(device).manual_seed(seed % 2**63) for seed in seeds]
-            sequences_BT = self._decode(prefill, generators)
+            sequences_BT, logprobs_BT = self._decode(prefill, generators)
         finally:
             self.model.train(was_training)
-        return cut_at_eos(sequences_BT, self.eos_token_ids, self.pad_token_id)
+        completions = cut_at_eos(sequences_BT, self.eos_token_ids, self.pad_token_id)
+        completions.sampler_logprobs_BT = logprobs_BT * completions.completion_mask_BT
+        return completions
 
-    def _decode(self, prefill: SharedPrefill, generators: list[torch.Generator] | None = None) -> torch.Tensor:
-        """Decode the B prefilled rows token by token, until every row has emitted an EOS or the limit."""
+    def _decode(self, prefill: SharedPrefill, generators: list[torch.Generator] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode the B prefilled rows token by token, until every row has emitted an EOS or the limit. Also
+        returns each token's log-prob under the decode loop's own logits (temperature applied, as the training
+        passes compute it): the metric ``sampling_logprob_gap`` compares the two."""
         arch = architecture(self.model)
         cache, logits_BV = prefill.cache, prefill.last_logits_BV.float()
         attention_mask, position_B = prefill.attention_mask_BL, prefill.next_position_B
         eos_E = torch.tensor(self.eos_token_ids, device=logits_BV.device)
         unfinished_B = torch.ones(logits_BV.shape[0], dtype=torch.bool, device=logits_BV.device)
-        tokens = []
+        tokens, logprobs = [], []
         for step in range(self.max_new_tokens):
+            model_logprobs_BV = (logits_BV / self.temperature).log_softmax(-1)
             if self.repetition is not None:  # over the prompt and the completion so far, as generate's input_ids
                 logits_BV = self.repetition(torch.cat([prefill.prompt_ids_BL, *[t[:, None] for t in tokens]], 1),
                                             logits_BV)
@@ -102,6 +109,7 @@ class HFGenerator:
                 next_B = logits_BV.argmax(-1)
             next_B = torch.where(unfinished_B, next_B, self.pad_token_id)
             tokens.append(next_B)
+            logprobs.append(model_logprobs_BV.gather(-1, next_B[:, None])[:, 0])
             unfinished_B &= ~torch.isin(next_B, eos_E)
             done = not unfinished_B.any()
             if self.all_done is not None:
@@ -112,7 +120,7 @@ class HFGenerator:
             out = self.model(input_ids=next_B[:, None], use_cache=True,
                              **forward_kwargs(arch, attention_mask, position_B[:, None], cache, decoding=True))
             cache, logits_BV, position_B = cache_of(out), out.logits[:, -1].float(), position_B + 1
-        return torch.stack(tokens, dim=1)
+        return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
 
     def load_weights(self, model: torch.nn.Module) -> None:
         """Nothing to do: this backend samples from the training model itself."""
