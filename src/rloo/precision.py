@@ -87,7 +87,7 @@ def updates_lost_share(model: torch.nn.Module, learning_rate: float) -> float:
             continue
         values = param.detach().abs().float()
         _, exponent = torch.frexp(values)  # values = m * 2**exponent, 0.5 <= m < 1
-        spacing = torch.ldexp(torch.ones_like(values), exponent - torch.finfo(param.dtype).nmant - 1)
+        spacing = torch.ldexp(torch.full_like(values, torch.finfo(param.dtype).eps), exponent - 1)
         lost += int(((learning_rate < spacing / 2) & (values > 0)).sum())
         total += values.numel()
     return lost / max(total, 1)

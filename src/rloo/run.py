@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
@@ -91,6 +92,10 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         raise ValueError("train_dataset: give the training prompts (train(..., train_dataset=...) or --dataset_name), "
                          "or start from a preset: --config tldr-tiny")
     cuda = torch.cuda.is_available()
+    # accelerate keeps one AcceleratorState per process; a second run in it (a sweep, a test) may want another
+    # mixed precision, so the state is rebuilt as transformers' Trainer does between trials (the process
+    # group, PartialState, stays).
+    AcceleratorState._reset_state()
     # cpu=True without CUDA: then torchrun / `accelerate launch --multi_gpu` processes form a gloo group.
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision_mode(cfg, cuda))
     setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
