@@ -102,6 +102,49 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_model_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("beta", [0.05, 0.0])
+def test_micro_batches_that_cut_through_prompt_groups_equal_whole_groups(tiny_model_dir, tmp_path, beta):
+    """TRL's batch rule: a micro-batch may hold part of a prompt group. With k = 4 and micro-batches of 2
+    completions (half a group, 4 accumulated: one generation batch of 2 prompts), the leave-one-out baseline and
+    the KL are taken over the whole generation batch before the update; the run equals the one whose
+    micro-batches hold the whole groups (same samples and rewards, parameters within 1e-6 after 2 steps)."""
+    common = dict(num_eval_samples=0, max_steps=2, beta=beta, max_grad_norm=0.0, learning_rate=1e-3,
+                  adam_epsilon=1e-3, num_generations=4)
+    whole = train(tiny_config(tiny_model_dir, tmp_path / "a", per_device_train_batch_size=8,
+                              gradient_accumulation_steps=1, **common))
+    halves = train(tiny_config(tiny_model_dir, tmp_path / "b", per_device_train_batch_size=2,
+                               gradient_accumulation_steps=4, **common))
+    uneven = train(tiny_config(tiny_model_dir, tmp_path / "c", per_device_train_batch_size=8, generation_batch_size=8,
+                               gradient_accumulation_steps=1, **common))  # the same batch named by TRL's field
+    a, b, c = (load_file(r.output_dir / "model.safetensors") for r in (whole, halves, uneven))
+    for step in range(2):
+        assert whole.metrics[step]["reward"] == pytest.approx(halves.metrics[step]["reward"], abs=1e-6)
+        assert whole.metrics[step]["kl"] == pytest.approx(halves.metrics[step]["kl"], abs=1e-6)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+        assert torch.equal(a[key], c[key])
+
+
+def test_one_generation_batch_serves_steps_per_generation_optimizer_steps(tiny_model_dir, tmp_path):
+    """steps_per_generation = 2 x gradient_accumulation_steps: each generation batch (here 4 prompts of k = 2) is
+    trained on in 2 optimizer steps, half of it each; the second trains on samples of the policy before the
+    first (the sampling policy's log-probs, taken up front, give the clipped ratio its old side)."""
+    def token_reward(completion_ids, **kwargs):  # differs between any two different completions
+        return [float(sum(ids) % 17) + len(ids) for ids in completion_ids]
+
+    result = train(tiny_config(tiny_model_dir, tmp_path / "run", per_device_train_batch_size=4, steps_per_generation=2,
+                               num_eval_samples=0, max_steps=4, learning_rate=1e-2, reward_weights=None),
+                   rewards=[token_reward])
+    m = result.metrics
+    assert [x["step"] for x in m] == [1, 2, 3, 4]
+    assert "time/generate" in m[0] and "time/generate" not in m[1] and "time/generate" in m[2]  # one batch per 2 steps
+    assert m[0]["reward"] == m[1]["reward"] and m[2]["reward"] == m[3]["reward"]  # both steps report their batch
+    assert all(x["grad_norm"] for x in m)
+    # Whole groups in each half, so sum(A) = 0 there: the loss is 0 exactly when every ratio is 1. It is in the
+    # first half (nothing updated yet) and is not in the second (sampled before step 1's update).
+    assert abs(m[0]["loss"]) < 1e-6 and abs(m[1]["loss"]) > 1e-6
+
+
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "rloo", *args], capture_output=True, text=True, timeout=600, cwd=cwd,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "RLOO_CACHE": str(cwd / "cache")})

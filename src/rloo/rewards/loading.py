@@ -83,12 +83,12 @@ def load_reward_fn(spec: str) -> Any:
         if not target or not attr:
             raise ValueError(f"reward function '{spec}': expected {SPEC_FORMS}")
         is_file = target.endswith(".py") or "/" in target or os.sep in target
+        if not is_file and (target == "__main__" or "<" in attr):  # a script's or a nested function: not importable
+            raise ValueError(f"reward function '{spec}' was a Python callable given to train(rewards=...), which cannot "
+                             "be imported from here; name it by its file: --reward_funcs path/to/file.py:function")
         module = _import_file(spec, target) if is_file else _import_module(spec, target)
         where = "file" if is_file else f"module '{target}'"
     fn = getattr(module, attr, None)
-    if fn is None and (target == "__main__" or "<" in attr or "." in attr):
-        raise ValueError(f"reward function '{spec}' was a Python callable given to train(rewards=...), which cannot be "
-                         "imported from here; name it by its file: --reward_funcs path/to/file.py:function")
     if fn is None:
         raise ValueError(f"reward function '{spec}': {where} has no function '{attr}'")
     if not callable(fn):
@@ -123,7 +123,8 @@ def _import_module(spec: str, name: str) -> Any:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:
         if err.name is not None and (name == err.name or name.startswith(err.name + ".")):
-            raise ValueError(f"reward function '{spec}': no module named '{name}'") from None
+            raise ValueError(f"reward function '{spec}': no module named '{name}' (a Python callable given to "
+                             "train(rewards=...) is passed to rloo eval as --reward_funcs path/to/file.py:function)") from None
         raise ValueError(f"reward function '{spec}': importing '{name}' failed: {type(err).__name__}: {err}") from err
     except Exception as err:
         raise ValueError(f"reward function '{spec}': importing '{name}' failed: {type(err).__name__}: {err}") from err
