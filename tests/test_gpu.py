@@ -114,7 +114,7 @@ def test_deepspeed_on_one_gpu_starts_and_trains(tiny_model_dir, tiny_policy_rewa
     from test_distributed import accelerate_launch, torchrun
 
     out = tmp_path / stage
-    torchrun(1, tiny_model_dir, out, launcher=accelerate_launch(stage, 1), torch_dtype="bfloat16",
+    torchrun(1, tiny_model_dir, out, launcher=accelerate_launch(stage, 1), torch_dtype="bfloat16", bf16=True,
              reward_model_name_or_path=str(tiny_policy_reward_model_dir), reward_weights=None, **STRATEGY_RUN)
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert before.keys() == after.keys()

@@ -28,7 +28,7 @@ def tiny_config(model_dir: Path, output_dir: Path, **overrides) -> RLOOConfig:
         max_prompt_length=64, num_eval_samples=4,
         num_generations=2, max_completion_length=8, reward_funcs=["grounding", "summary_length"],
         reward_weights=[1.0, 0.5], beta=0.05, learning_rate=1e-2, per_device_train_batch_size=4, max_steps=2,
-        seed=0, output_dir=str(output_dir), disable_tqdm=True,
+        seed=0, output_dir=str(output_dir), disable_tqdm=True, bf16=False,  # float32 on a GPU too (TRL's default: bf16)
     )
     values.update(overrides)
     return RLOOConfig(**values)

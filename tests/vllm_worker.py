@@ -13,7 +13,8 @@ import torch
 from rloo.data import left_pad
 from rloo.generation.hf import HFGenerator
 from rloo.generation.vllm import Sampling, VLLMEngine, VLLMGenerator
-from rloo.logprobs import completion_logprobs, load_policy
+from rloo.logprobs import completion_logprobs
+from rloo.models import load_policy
 
 PAD, EOS = 1, [0]
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], list(range(20, 80)), [300, 301, 302]]
