@@ -120,3 +120,50 @@ def test_deepspeed_on_one_gpu_starts_and_trains(tiny_model_dir, tiny_policy_rewa
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k].float(), after[k].float()) for k in before)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3 and (out / "eval.json").is_file()
+
+
+def test_bf16_mixed_precision_on_gpu_keeps_updates_and_starts_with_zero_kl(tiny_model_dir, tmp_path):
+    """CUDA autocast: bf16 mixed precision (float32 master weights) changes as many weights as float32 at the
+    rloo_tldr learning rate, and the reference computes as the policy does (KL 0 at step 1)."""
+    from safetensors.torch import load_file
+
+    from test_train_e2e import tiny_config
+
+    from rloo import train
+
+    common = dict(num_eval_samples=0, max_steps=5, learning_rate=3e-6, lr_scheduler_type="constant", save_steps=0)
+    runs = {bf16: train(tiny_config(tiny_model_dir, tmp_path / str(bf16), bf16=bf16, **common)) for bf16 in (False, True)}
+    start = load_file(tiny_model_dir / "model.safetensors")
+    shares = {}
+    for bf16, result in runs.items():
+        end = load_file(result.output_dir / "model.safetensors")
+        shares[bf16] = sum(int((start[k] != end[k].float()).sum()) for k in start) / sum(t.numel() for t in start.values())
+    assert shares[True] >= 0.95 * shares[False], shares
+    assert abs(runs[True].metrics[0]["kl"]) <= 1e-6
+
+
+def test_fp16_mixed_precision_trains_on_gpu(tiny_model_dir, tmp_path):
+    """fp16 with accelerate's loss scaling: an overflow is the scaler's to skip (it lowers the scale), not a
+    non-finite step that stops the run."""
+    from test_train_e2e import tiny_config
+
+    from rloo import train
+
+    result = train(tiny_config(tiny_model_dir, tmp_path / "run", fp16=True, num_eval_samples=0, max_steps=4,
+                               learning_rate=1e-3, save_steps=0))
+    assert len(result.metrics) == 4 and result.metrics[-1]["num_nonfinite_steps"] == 0
+    assert (result.output_dir / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "gemma2", "mistral", "mamba2", "bamba"])
+def test_architectures_share_prompts_exactly_on_gpu(name, tiny_tokenizer):
+    """tests/test_architectures.py's equivalence on CUDA kernels (float32): shared = repeated log-probs."""
+    from architectures import tiny_config as arch_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(arch_config(name), dtype=torch.float32).cuda().eval()
+    batch = [t.cuda() for t in padded_batch()]
+    shared, _ = completion_logprobs(model, *batch, temperature=0.7)
+    repeated, _ = completion_logprobs(model, *batch, temperature=0.7, share_prompt=False)
+    torch.testing.assert_close(shared, repeated, rtol=0, atol=1e-4)
