@@ -169,3 +169,16 @@ def test_router_loss_counts_each_token_once_in_every_layout(name, tiny_tokenizer
     losses[0].backward()
     router_grads = [p.grad for n, p in model.named_parameters() if ("gate" in n or "router" in n) and p.grad is not None]
     assert router_grads and any(g.abs().sum() > 0 for g in router_grads)
+
+
+def test_router_aux_loss_coef_follows_trl(tiny_tokenizer):
+    """None: the model config's coefficient; 0 turns the loss off; a coefficient on a model without router logits
+    is an error naming the field (TRL's rules)."""
+    from rloo.models import router_aux_loss_coef
+
+    moe, dense = build("qwen3_moe", tiny_tokenizer), build("llama", tiny_tokenizer)
+    assert router_aux_loss_coef(moe, None) == moe.config.router_aux_loss_coef > 0
+    assert router_aux_loss_coef(moe, 0.0) == 0.0 and router_aux_loss_coef(moe, 0.5) == 0.5
+    assert router_aux_loss_coef(dense, None) == 0.0
+    with pytest.raises(ValueError, match="router_aux_loss_coef=0.1: LlamaForCausalLM is not a mixture-of-experts"):
+        router_aux_loss_coef(dense, 0.1)

@@ -424,3 +424,20 @@ def test_disable_dropout_makes_training_forwards_deterministic(tiny_tokenizer):
     assert not torch.equal(model(ids).logits, model(ids).logits)  # dropout is really there
     disable_dropout(model)
     assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_repetition_penalty_and_min_p_shape_sampling(policy):
+    """TRL's repetition_penalty and min_p, with transformers' own processors: a huge penalty never repeats a
+    token of the prompt or of the completion so far; min_p near 1 keeps only the top token (greedy)."""
+    penalised = HFGenerator(policy, pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=10, do_sample=False,
+                            repetition_penalty=1e9).generate(PROMPTS, 1)
+    for prompt, row, mask in zip(PROMPTS, penalised.completion_ids_BT, penalised.completion_mask_BT):
+        tokens = row[mask.bool()].tolist()
+        assert len(set(tokens)) == len(tokens) and not set(tokens) & set(prompt)
+    greedy = HFGenerator(policy, pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=10, do_sample=False)
+    top_only = HFGenerator(policy, pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=10, min_p=0.999999)
+    torch.manual_seed(0)
+    assert torch.equal(top_only.generate(PROMPTS, 2).completion_ids_BT, greedy.generate(PROMPTS, 2).completion_ids_BT)
+    unshaped = HFGenerator(policy, pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=10)
+    torch.manual_seed(0)
+    assert not torch.equal(unshaped.generate(PROMPTS, 2).completion_ids_BT, greedy.generate(PROMPTS, 2).completion_ids_BT)

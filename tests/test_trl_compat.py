@@ -217,8 +217,10 @@ def test_trl_rloo_quick_start_runs_with_only_the_import_and_the_trainer_call_cha
     assert (tmp_path / result.output_dir / "model.safetensors").is_file() and result.output_dir.parent == Path("runs")
 
 
-def test_a_trl_config_file_with_its_fields_trains(chat_model_dir, tmp_path):
-    """A YAML config of the TRL fields rloo used to refuse (TrainingArguments' and RLOOConfig's), through the CLI."""
+@pytest.mark.parametrize("batch_field", [{"steps_per_generation": 2}, {"generation_batch_size": 4}])
+def test_a_trl_config_file_with_its_fields_trains(chat_model_dir, tmp_path, batch_field):
+    """A YAML config of the TRL fields rloo used to refuse (TrainingArguments' and RLOOConfig's), through the CLI;
+    the generation batch named either way (TRL takes one of the two)."""
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in deepmath_like_rows(8)))
     (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
@@ -229,7 +231,7 @@ def test_a_trl_config_file_with_its_fields_trains(chat_model_dir, tmp_path):
         "model_name_or_path": str(chat_model_dir), "dataset_name": str(data), "reward_funcs": ["my_rewards.brevity"],
         "bf16": False, "report_to": "none", "warmup_steps": 0.5, "chat_template_kwargs": {"enable_thinking": False},
         "generation_kwargs": {"top_k": 50, "max_new_tokens": 6}, "min_p": 0.05, "repetition_penalty": 1.1,
-        "steps_per_generation": 2, "model_init_kwargs": {"dtype": "float32", "attn_implementation": "eager"},
+        **batch_field, "model_init_kwargs": {"dtype": "float32", "attn_implementation": "eager"},
         "lr_scheduler_type": "cosine", "lr_scheduler_kwargs": {"num_cycles": 0.5}, "dtype": "float32",
         "per_device_train_batch_size": 2, "num_generations": 2, "max_steps": 4, "logging_steps": 1, "save_steps": 0,
         "num_eval_samples": 0, "output_dir": str(tmp_path / "run"), "disable_tqdm": True, "eval_strategy": "no",
@@ -281,3 +283,10 @@ def test_eval_of_a_run_trained_with_a_python_callable_says_how_to_pass_it(tiny_m
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert "brevity" in last and "train(rewards=...)" in last and "--reward_funcs path/to/file.py:function" in last
+
+
+def test_train_without_prompts_or_a_model_is_an_error_as_in_trl(tiny_model_dir):
+    with pytest.raises(ValueError, match="^train_dataset: give the training prompts"):
+        train(RLOOConfig(model_name_or_path=str(tiny_model_dir), reward_funcs=["grounding"]))
+    with pytest.raises(ValueError, match="^model_name_or_path: name the policy"):
+        train(RLOOConfig(dataset_name="rloo:tldr", reward_funcs=["grounding"]))
