@@ -79,8 +79,7 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     """Validate, then load data, policy, reference, rewards and the optimizer (cheap checks first)."""
     if rewards is not None:
         rewards = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]  # TRL: one or a list
-        cfg.set("reward_funcs", [reward_spec(r) for r in rewards], "train(rewards=...)")
-        cfg.set("reward_model_name_or_path", None, "train(rewards=...)")  # TRL: rewards= holds every source
+        cfg.set("reward_funcs", [reward_spec(r) for r in rewards], "train(rewards=...)")  # the config's reward model stays
     if cfg.resume_from_checkpoint not in (None, "latest") and cfg.output_dir is None:
         cfg.output_dir = str(Path(cfg.resume_from_checkpoint).parent.parent)  # <run>/checkpoints/step-N
     normalize(cfg)  # TRL's generation_kwargs / model_init_kwargs into their fields
@@ -155,7 +154,7 @@ def reward_spec(reward) -> str:
     if isinstance(reward, torch.nn.Module):
         return getattr(reward, "name_or_path", "") or type(reward).__name__
     if isinstance(reward, RewardModel):
-        return reward.name
+        return getattr(reward.model, "name_or_path", "") or reward.__name__
     name = getattr(reward, "__qualname__", None) or getattr(reward, "__name__", None) or type(reward).__name__
     return f"{getattr(reward, '__module__', None) or type(reward).__module__}:{name}"
 
