@@ -117,7 +117,7 @@ def run_trl(folder: Path, k: int, num_prompts: int, steps: int, gpu: bool) -> li
         output_dir=str(folder / "trl-out"), per_device_train_batch_size=num_prompts * k, num_generations=k,
         max_completion_length=MAX_COMPLETION_TOKENS, temperature=1.0, beta=0.05, learning_rate=1e-5,
         max_steps=steps, logging_steps=1, report_to="none", gradient_checkpointing=False, use_cpu=not gpu,
-        bf16=gpu, model_init_kwargs={"dtype": "bfloat16" if gpu else "float32"},
+        bf16=gpu, model_init_kwargs={"dtype": "float32"},  # TRL's default: float32 weights, bf16 autocast on a GPU
         shuffle_dataset=False, save_strategy="no", seed=0, disable_tqdm=True,
     )
     dataset = load_dataset("json", data_files=str(folder / "prompts.jsonl"), split="train")
@@ -136,7 +136,7 @@ def run_rloo(folder: Path, k: int, num_prompts: int, steps: int, gpu: bool) -> l
         max_prompt_length=MAX_PROMPT_TOKENS, num_generations=k, per_device_train_batch_size=num_prompts * k,
         max_completion_length=MAX_COMPLETION_TOKENS, temperature=1.0, beta=0.05, learning_rate=1e-5,
         max_steps=steps, seed=0, num_eval_samples=0, disable_tqdm=True, output_dir=str(folder / "rloo-out"),
-        torch_dtype="bfloat16" if gpu else "float32",
+        torch_dtype="float32", bf16=gpu,  # mixed precision on a GPU, as TRL's above
     )
     result = train(cfg, rewards=[cheap_reward])
     return [{key: value for key, value in m.items() if key == "step_seconds" or key.startswith("time/")}

@@ -75,6 +75,10 @@ def example_1_1(completions, **kwargs):  # Example 1.1: completions only, keywor
     return [float(len(completion)) for completion in completions]
 
 
+def keyword_only(*, completions, prompts, **kwargs):  # keyword-only parameters: never called positionally
+    return [float(len(completion) - len(prompt)) for completion, prompt in zip(completions, prompts)]
+
+
 def positional_prompts_and_completions(prompts, completions, **kwargs):  # rloo's old documented form
     return [float(len(p) > len(c)) for p, c in zip(prompts, completions)]
 
@@ -101,7 +105,7 @@ def example_6(completions, ground_truth, log_extra=None, log_metric=None, **kwar
 
 def test_reward_functions_in_every_documented_signature_are_called_by_keyword():
     sources = build_rewards([example_1, example_1_1, positional_prompts_and_completions, example_3, example_4_math,
-                             with_trainer_state])
+                             with_trainer_state, keyword_only])
     from transformers import TrainerState
 
     logged = {}
@@ -116,6 +120,7 @@ def test_reward_functions_in_every_documented_signature_are_called_by_keyword():
     assert rewards_NF[:, 3].tolist() == [1.0, 0.0]
     assert rewards_NF[0, 4].item() == 3.0 and torch.isnan(rewards_NF[1, 4])  # None -> not scorable by that source
     assert rewards_NF[:, 5].tolist() == [3.0, 3.0]
+    assert rewards_NF[:, 6].tolist() == [1.0, 2.0]
     # TRL's keywords, every dataset column, and rloo's extra per-sample lists
     assert {"prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric", "ground_truth",
             "task", "prompt_ids", "truncated"} <= set(CALLS["example_1"])
