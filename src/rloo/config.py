@@ -363,6 +363,8 @@ def coerce(name: str, value: Any) -> Any:
         if "None" in kind or value is None and kind.startswith("list"):
             return None if "None" in kind else []
         raise ValueError(f"{name}: expected {kind}, got None")
+    if kind.split(" |")[0] == "dict":
+        return _as_dict(name, value)
     try:
         if kind.startswith("list"):
             items = value if isinstance(value, (list, tuple)) else [value]
@@ -370,8 +372,6 @@ def coerce(name: str, value: Any) -> Any:
                 return [float(v) for v in items]
             return [str(v) for v in items]
         base = kind.split(" |")[0]
-        if base == "dict":
-            return _as_dict(name, value)
         if base == "bool":
             if isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
