@@ -182,3 +182,28 @@ def test_router_aux_loss_coef_follows_trl(tiny_tokenizer):
     assert router_aux_loss_coef(dense, None) == 0.0
     with pytest.raises(ValueError, match="router_aux_loss_coef=0.1: LlamaForCausalLM is not a mixture-of-experts"):
         router_aux_loss_coef(dense, 0.1)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "mistral", "gemma2", "bloom", "falcon_alibi", "mamba2", "bamba",
+                                  "falcon_h1", "qwen3_next", "lfm2"])
+def test_shared_prompt_gradients_equal_the_repeated_prompts(name, tiny_tokenizer, prompts):
+    """Autograd through the shared prompt (slots: one prompt cache; rows: the cache repeated, recurrent states
+    updated by assignment): every parameter's gradient equals the repeated computation's (1e-4 of the tensor's
+    largest element, with a float32 floor of 1e-7 for near-zero ones)."""
+    model = build(name, tiny_tokenizer)
+    disable_dropout(model)
+    model.train()
+    completions = [[5, 6, 7, 8], [9, 10], [11], [12, 13, 14, 15, 16], [17, 18, 19], [20, 21]]
+    batch = (*left_pad(prompts, PAD), *right_pad(completions, PAD))
+    weights_BT = torch.linspace(-1.0, 2.0, batch[2].numel()).view_as(batch[2])
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = {}
+    for share in (True, False):
+        logprobs_BT, _ = completion_logprobs(model, *batch, share_prompt=share)
+        grads[share] = torch.autograd.grad((logprobs_BT * weights_BT).sum(), params, allow_unused=True)
+    for (param_name, _), shared, repeated in zip(model.named_parameters(), grads[True], grads[False]):
+        if repeated is None:
+            assert shared is None or shared.abs().max() == 0, param_name
+            continue
+        bound = 1e-4 * repeated.abs().max().item() + 1e-7
+        assert (shared - repeated).abs().max().item() <= bound, f"{name} ({prompt_sharing(model)}): {param_name}"

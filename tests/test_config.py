@@ -16,7 +16,7 @@ FIELD_NAMES = [
     "trust_remote_code", "disable_dropout", "router_aux_loss_coef",
     # data
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_eval_split", "shuffle_dataset",
-    "max_prompt_length", "chat_template_kwargs", "num_eval_samples",
+    "max_prompt_length", "chat_template_kwargs", "remove_unused_columns", "num_eval_samples",
     # generation
     "num_generations", "max_completion_length", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "generation_kwargs", "generation_batch_size", "steps_per_generation", "share_prompt_prefix",
@@ -33,7 +33,7 @@ FIELD_NAMES = [
     "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed", "bf16", "fp16", "pure_low_precision",
     "gradient_checkpointing",
     # run
-    "output_dir", "logging_steps", "disable_tqdm", "save_steps", "save_total_limit", "resume_from_checkpoint",
+    "output_dir", "logging_steps", "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
     "resume_ignore_mismatch", "reward_errors", "max_nonfinite_steps", "report_to", "eval_strategy", "push_to_hub",
     "preset",
 ]
@@ -369,3 +369,29 @@ def test_bare_boolean_flag_means_true_and_preset_accepts_fewer_reward_funcs():
     # the preset names no weights, so choosing other reward functions needs no weights either
     cfg = load_config("tldr-tiny", {"reward_funcs": ["rouge_l"]})
     assert cfg.resolve().num_prompts_per_generation == 4
+
+
+def test_trl_python_and_yaml_forms_are_read_as_data(tmp_path):
+    """A torch.dtype in model_init_kwargs (TRL's Python form) is kept by name, so checkpoints and config.yaml can
+    hold it; an unquoted YAML `no` (a boolean to YAML 1.1) is the text field's "no"."""
+    import json
+
+    import torch
+
+    cfg = valid_config(model_init_kwargs={"dtype": torch.bfloat16, "attn_implementation": "sdpa"})
+    cfg.resolve()
+    assert cfg.model_init_kwargs == {"dtype": "bfloat16", "attn_implementation": "sdpa"} and cfg.torch_dtype == "bfloat16"
+    json.dumps(cfg.to_dict())
+    with pytest.raises(ValueError, match="^model_init_kwargs: its values must be plain data"):
+        valid_config(model_init_kwargs={"device_map": object()})
+    path = tmp_path / "trl.yaml"
+    path.write_text("eval_strategy: no\nsave_strategy: no\nreward_funcs: [rouge_l]\nmax_steps: 3\n")
+    cfg = load_config(str(path))
+    cfg.resolve()
+    assert cfg.eval_strategy == "no" and cfg.save_steps == 0 and cfg.origins["save_steps"] == "save_strategy"
+
+
+@pytest.mark.parametrize("key", ["gradient_checkpointing_kwargs", "eval_steps", "hub_model_id", "use_liger_kernel"])
+def test_common_trl_fields_rloo_lacks_are_refused_with_what_to_do(key):
+    with pytest.raises(ValueError, match=f"^config field '{key}': "):
+        RLOOConfig(**{key: 1})

@@ -167,3 +167,22 @@ def test_architectures_share_prompts_exactly_on_gpu(name, tiny_tokenizer):
     shared, _ = completion_logprobs(model, *batch, temperature=0.7)
     repeated, _ = completion_logprobs(model, *batch, temperature=0.7, share_prompt=False)
     torch.testing.assert_close(shared, repeated, rtol=0, atol=1e-4)
+
+
+def test_fp16_resume_is_exact_on_gpu(tiny_model_dir, tmp_path):
+    """The loss scaler's state (scale, growth tracker) is in the checkpoint: a stopped and resumed fp16 run ends
+    with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    from rloo import train
+    from rloo.errors import TrainingInterrupted
+    from test_reliability import StopAt, cfg_for
+
+    settings = dict(save_steps=2, reward_weights=None, fp16=True)
+    full = train(cfg_for(tiny_model_dir, tmp_path / "full", **settings), rewards=["grounding", StopAt(None)]).output_dir
+    with pytest.raises(TrainingInterrupted):
+        train(cfg_for(tiny_model_dir, tmp_path / "part", **settings), rewards=["grounding", StopAt(2)])
+    resumed = train(cfg_for(tiny_model_dir, tmp_path / "part", resume_from_checkpoint="latest", **settings),
+                    rewards=["grounding", StopAt(None)]).output_dir
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

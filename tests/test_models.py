@@ -441,3 +441,14 @@ def test_repetition_penalty_and_min_p_shape_sampling(policy):
     unshaped = HFGenerator(policy, pad_token_id=PAD, eos_token_ids=[EOS], max_new_tokens=10)
     torch.manual_seed(0)
     assert not torch.equal(unshaped.generate(PROMPTS, 2).completion_ids_BT, greedy.generate(PROMPTS, 2).completion_ids_BT)
+
+
+def test_repetition_penalty_ignores_padding(policy):
+    """The penalty counts a prompt's real tokens only: padded beside a longer prompt, a prompt continues as it
+    does alone, even when the pad id is the very token it continues with (counted as seen, it would be barred)."""
+    kwargs = dict(eos_token_ids=[EOS], max_new_tokens=6, do_sample=False, repetition_penalty=100.0)
+    alone = HFGenerator(policy, pad_token_id=PAD, **kwargs).generate(PROMPTS[1:2], 1)
+    first = int(alone.completion_ids_BT[0, 0])
+    batched = HFGenerator(policy, pad_token_id=first, **kwargs).generate(PROMPTS, 1)
+    assert batched.completion_ids_BT[1, 0].item() == first
+    torch.testing.assert_close(batched.sampler_logprobs_BT[1, :1], alone.sampler_logprobs_BT[0, :1], rtol=0, atol=1e-6)

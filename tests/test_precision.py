@@ -118,3 +118,23 @@ def test_updates_lost_share_is_the_share_below_half_a_spacing():
     assert updates_lost_share(model, 3e-6) == 0.75
     assert updates_lost_share(model, 1e-2) == 0.0
     assert updates_lost_share(model.float(), 3e-6) == 0.0  # float32 weights keep them
+
+
+def test_checkpoints_from_before_the_precision_fingerprint_resume(tiny_model_dir, tmp_path):
+    """A checkpoint written before the fingerprint had precision and steps_per_generation resumes when the run
+    has what the old code implied (float32, one generation per step)."""
+    settings = dict(save_steps=2, reward_weights=None)
+    part = tmp_path / "part"
+    with pytest.raises(TrainingInterrupted):
+        train(cfg_for(tiny_model_dir, part, **settings), rewards=["grounding", StopAt(2)])
+    latest = committed_checkpoints(part)[-1]
+    state = json.loads((latest / "state.json").read_text())
+    for key in ("precision", "steps_per_generation"):
+        del state["fingerprint"][key]
+    (latest / "state.json").write_text(json.dumps(state))
+    committed = json.loads((latest / "COMMITTED").read_text())
+    committed["files"]["state.json"] = (latest / "state.json").stat().st_size
+    (latest / "COMMITTED").write_text(json.dumps(committed))
+    resumed = train(cfg_for(tiny_model_dir, part, resume_from_checkpoint="latest", **settings),
+                    rewards=["grounding", StopAt(None)])
+    assert [m["step"] for m in resumed.metrics] == [1, 2, 3, 4]

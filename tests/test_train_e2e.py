@@ -139,6 +139,7 @@ def test_one_generation_batch_serves_steps_per_generation_optimizer_steps(tiny_m
     assert [x["step"] for x in m] == [1, 2, 3, 4]
     assert "time/generate" in m[0] and "time/generate" not in m[1] and "time/generate" in m[2]  # one batch per 2 steps
     assert m[0]["reward"] == m[1]["reward"] and m[2]["reward"] == m[3]["reward"]  # both steps report their batch
+    assert all(round(x["episodes_per_s"] * x["step_seconds"]) == 4 for x in m)  # the completions each step trained on
     assert all(x["grad_norm"] for x in m)
     # Whole groups in each half, so sum(A) = 0 there: the loss is 0 exactly when every ratio is 1. It is in the
     # first half (nothing updated yet) and is not in the second (sampled before step 1's update).
@@ -178,6 +179,14 @@ def test_cli_train_eval_generate(tiny_model_dir, tmp_path):
                    "SUBREDDIT: r/test\n\nTITLE: hi\n\nPOST: my cat\n\nTL;DR:", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("---") == 2
+
+
+def test_eval_of_a_folder_without_a_config_needs_a_dataset(tiny_model_dir, capsys):
+    from rloo.cli import main
+
+    assert main(["eval", "--model", str(tiny_model_dir), "--reward_funcs", "grounding"]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "rloo eval: error: --dataset: name the held-out prompts (this model's config names no dataset_name)")
 
 
 def test_cli_errors_are_one_line(tmp_path):

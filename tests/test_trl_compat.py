@@ -146,7 +146,8 @@ def test_async_reward_functions_run_concurrently():
 
 def test_conversational_prompts_and_completions_are_message_lists(chat_model_dir, tmp_path):
     """As TRL: a conversational dataset gives reward functions the prompt messages and each completion as
-    [{"role": "assistant", "content": ...}]; example 2's format reward and example 6's logging run as written."""
+    [{"role": "assistant", "content": ...}]; example 2's format reward, example 6's logging and a function of
+    trainer_state run as written, in training and in the held-out evaluation before and after it."""
     seen = {}
 
     def format_reward_func(completions, **kwargs):  # TRL docs, Example 2
@@ -157,9 +158,11 @@ def test_conversational_prompts_and_completions_are_message_lists(chat_model_dir
 
     rows = [{"prompt": [{"role": "user", "content": f"Say {i}."}], "ground_truth": str(i)} for i in range(8)]
     cfg = RLOOConfig(num_generations=2, per_device_train_batch_size=4, max_completion_length=6, max_steps=2,
-                     save_steps=0, num_eval_samples=0, output_dir=str(tmp_path / "run"), disable_tqdm=True)
-    result = train(cfg, model=str(chat_model_dir), rewards=[format_reward_func, example_6],
-                   train_dataset=Dataset.from_list(rows))
+                     save_steps=0, num_eval_samples=4, output_dir=str(tmp_path / "run"), disable_tqdm=True)
+    result = train(cfg, model=str(chat_model_dir), rewards=[format_reward_func, example_6, with_trainer_state],
+                   train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:4]))
+    assert result.eval_before["num_prompts"] == result.eval_after["num_prompts"] == 4
+    assert result.eval_before["rewards/with_trainer_state"] == 0.0 and result.eval_after["rewards/with_trainer_state"] == 2.0
     assert all(prompt in [row["prompt"] for row in rows] for prompt in seen["prompts"])  # the dataset's messages
     assert all(isinstance(c, list) and c[0]["role"] == "assistant" and isinstance(c[0]["content"], str)
                for c in seen["completions"])
@@ -295,3 +298,31 @@ def test_train_without_prompts_or_a_model_is_an_error_as_in_trl(tiny_model_dir):
         train(RLOOConfig(model_name_or_path=str(tiny_model_dir), reward_funcs=["grounding"]))
     with pytest.raises(ValueError, match="^model_name_or_path: name the policy"):
         train(RLOOConfig(dataset_name="rloo:tldr", reward_funcs=["grounding"]))
+
+
+def test_a_reward_model_with_the_policys_vocabulary_reads_chat_data_through_its_template(chat_model_dir):
+    """On chat prompts a reward model is given prompt + completion messages through its own chat template (TRL's
+    input, ending with its end-of-turn token), not the policy's token ids, which lack that suffix."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForSequenceClassification
+
+    from rloo.rewards import RewardModel
+
+    tokenizer = AutoTokenizer.from_pretrained(chat_model_dir)
+    torch.manual_seed(0)
+    classifier = Qwen2ForSequenceClassification(Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    rm = RewardModel(classifier, tokenizer, policy_tokenizer=tokenizer)
+    assert rm.scores_token_ids  # the same vocabulary: text prompts are scored on the policy's ids
+    prompt = [{"role": "user", "content": "What is 1 + 1?"}]
+    completion = [{"role": "assistant", "content": "The answer is 2."}]
+    text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    policy_prompt = tokenizer(tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                              add_special_tokens=False)["input_ids"]
+    score = rm(prompts=[prompt], completions=[completion], prompt_ids=[policy_prompt],
+               completion_ids=[tokenizer("The answer is 2.<|im_end|>", add_special_tokens=False)["input_ids"]],
+               truncated=[False])
+    with torch.no_grad():
+        direct = classifier(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert score == pytest.approx([direct], abs=1e-5)

@@ -54,6 +54,7 @@ class TrainState:
     eval_before: dict | None = None
     rng: tuple[dict, dict[str, torch.Tensor]] | None = None  # (json part, tensor part), see capture_rng
     scheduler: dict | None = None  # the learning-rate schedule's state at ``step`` (None: take the live one)
+    scaler: dict | None = None  # fp16 loss scaling (scale, growth tracker), when a scaler runs
 
 
 # ------------------------------------------------------------------------------------------------ RNG
@@ -196,6 +197,7 @@ def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module, optimizer: 
             "step": first.step, "sampler": first.sampler, "num_processes": len(states),
             "scheduler": _jsonable(first.scheduler or scheduler.state_dict()), "optimizer": opt_json,
             "eval_before": first.eval_before, "config": config, "fingerprint": fingerprint, "ranks": ranks,
+            "scaler": first.scaler,
         })
 
     _atomic_folder(final, first.step, write)

@@ -113,6 +113,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = eval_config(resolve_model_path(args.model), args.config, overrides)
     cfg.use_vllm = False  # rloo eval samples with the transformers backend (no engine or server to start)
     cfg.resolve(num_train_rows=1 << 30)
+    if args.dataset is None and cfg.dataset_name is None:
+        raise ValueError("--dataset: name the held-out prompts (this model's config names no dataset_name)")
     if args.dataset is None and Path(cfg.dataset_name).is_file():
         raise ValueError(f"--dataset: dataset_name '{cfg.dataset_name}' is one file with no held-out split; "
                          "name the held-out prompts with --dataset")

@@ -81,6 +81,9 @@ class DataArgs:
         None, "Extra keyword arguments for the tokenizer's apply_chat_template on conversational prompts, e.g. "
         "{\"enable_thinking\": false}. JSON on the command line.",
     )
+    remove_unused_columns: bool = arg(
+        False, "TRL's field: every dataset column reaches the reward functions, so only false (TRL RLOO's default)."
+    )
     num_eval_samples: int = arg(200, "Held-out prompts scored before and after training (0 turns evaluation off).")
 
 
@@ -217,6 +220,7 @@ class RunArgs:
     logging_steps: int = arg(1, "Write metrics every this many steps.")
     disable_tqdm: bool = arg(False, "Turn the progress bar off.")
     save_steps: int = arg(500, "Write a checkpoint (output_dir/checkpoints/step-N) every this many steps; 0 = never.")
+    save_strategy: str = arg("steps", "transformers' name: steps (every save_steps) or no (no checkpoints).")
     save_total_limit: int | None = arg(2, "Checkpoints kept (oldest removed after a new one is committed); None = all.")
     resume_from_checkpoint: str | None = arg(
         None, "Continue a run exactly: a checkpoint folder, or 'latest' (the newest committed one in output_dir)."
@@ -329,11 +333,22 @@ class RLOOConfig:
 
 
 # TRL / transformers fields rloo does not have yet, with what to do instead.
+_PERIODIC_EVAL = ("periodic evaluation is not available yet; rloo evaluates num_eval_samples held-out prompts before "
+                  "and after training")
 NOT_YET = {
     "log_completions": "not available yet; every reward source's mean is in metrics.jsonl",
     "num_completions_to_print": "not available yet; every reward source's mean is in metrics.jsonl",
     "run_name": "trackers are not available yet (report_to none); a run is named by its output_dir",
+    "project": "trackers are not available yet (report_to none); a run is named by its output_dir",
     "use_cpu": "not needed: rloo uses the GPU when there is one and the CPU otherwise",
+    "gradient_checkpointing_kwargs": "not available yet; gradient_checkpointing true uses transformers' defaults",
+    "do_eval": _PERIODIC_EVAL, "eval_steps": _PERIODIC_EVAL, "eval_on_start": _PERIODIC_EVAL,
+    "per_device_eval_batch_size": _PERIODIC_EVAL, "num_generations_eval": _PERIODIC_EVAL,
+    "logging_strategy": "rloo writes one line of metrics every logging_steps steps",
+    "hub_model_id": "the Hub upload is not available yet (push_to_hub false)",
+    "hub_strategy": "the Hub upload is not available yet (push_to_hub false)",
+    "hub_private_repo": "the Hub upload is not available yet (push_to_hub false)",
+    "use_liger_kernel": "not needed: rloo's log-prob pass never holds (B, T, V) logits",
 }
 _PEFT_FIELDS = ("use_peft", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")
 
@@ -384,6 +399,8 @@ def coerce(name: str, value: Any) -> Any:
             return int(value)
         if base == "float":
             return float(value)
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / yes (eval_strategy: no) as a boolean
+            return "yes" if value else "no"
         return str(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected {kind}, got {value!r}") from None
@@ -398,7 +415,14 @@ def _as_dict(name: str, value: Any) -> dict:
             raise ValueError(f"{name}: expected a JSON object such as '{{\"key\": 1}}', got {value!r} ({err.msg})") from None
     if not isinstance(value, dict):
         raise ValueError(f"{name}: expected a mapping of keyword arguments, got {type(value).__name__}")
-    return dict(value)
+    # TRL's Python configs write dtypes as objects ({"dtype": torch.bfloat16}): kept by name, so the config
+    # stays JSON and YAML for checkpoints and the run folder.
+    value = {key: str(v).removeprefix("torch.") if type(v).__name__ == "dtype" else v for key, v in value.items()}
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name}: its values must be plain data (text, numbers, lists, mappings): {err}") from None
+    return value
 
 
 def preset_names() -> list[str]:

@@ -17,7 +17,8 @@ from rloo.rollout import sample, score
 
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples: int | None = None,
-             seed: int = 1234, batch_size: int = 50, accelerator=None, generator=None, autocast=None) -> dict:
+             seed: int = 1234, batch_size: int = 50, accelerator=None, generator=None, autocast=None,
+             trainer_state=None) -> dict:
     """Score one completion (sampled at the training temperature, fixed seed) for each of the first
     ``num_samples`` prompts of ``dataset``. Returns reward_mean/std, per-source means, completion
     length, num_prompts and the per-prompt rewards (for paired before/after comparisons).
@@ -26,7 +27,13 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     the per-prompt results are gathered (each prompt's seed is its own, so the figures do not change).
     Every process scores the same number of prompts (the last shares topped up with prompts from the
     start, whose results are dropped): under FSDP / ZeRO-3 each forward is a collective. ``autocast``: the
-    compute dtype's context (a run's ``Run.autocast``), as training computes."""
+    compute dtype's context (a run's ``Run.autocast``), as training computes. Reward functions get TRL's
+    keywords here too: ``trainer_state`` (the optimizer steps done; a fresh TrainerState when not given),
+    and ``log_metric`` / ``log_extra``, whose values are not kept for evaluation."""
+    from transformers import TrainerState
+
+    shared = {"trainer_state": trainer_state or TrainerState(), "log_metric": lambda name, value: None,
+              "log_extra": lambda column, values: None}
     own = generator is None  # else the run's own (a vLLM engine is not started twice)
     if own:
         generator = build_generator(cfg, model, tokenizer, eos_token_ids(model, tokenizer),
@@ -34,13 +41,13 @@ def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples
     try:
         with (autocast or contextlib.nullcontext)():
             return _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, num_samples, seed,
-                             batch_size)
+                             batch_size, shared)
     finally:
         if own:
             generator.close()
 
 
-def _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, num_samples, seed, batch_size):
+def _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, num_samples, seed, batch_size, shared):
     num_samples = min(num_samples or len(dataset), len(dataset))
     processes = accelerator.num_processes if accelerator is not None else 1
     share = -(-num_samples // processes)
@@ -62,7 +69,7 @@ def _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, n
             with gathered_for_generation(accelerator, model, gather):
                 rollout = sample(generator, tokenizer, texts, prompt_ids, columns, 1, device,
                                  prompt_seeds(seed, 0, indices), raw_prompts=prompts)
-            rollout = score(rollout, sources, cfg.missing_eos_penalty)
+            rollout = score(rollout, sources, cfg.missing_eos_penalty, shared=shared)
             rewards.append(rollout.rewards_BF.cpu())
             scores.append(rollout.scores_B.cpu())
             lengths.append(rollout.completion_mask_BT.sum(1).float().cpu())

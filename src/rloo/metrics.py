@@ -54,7 +54,8 @@ def step_metrics(step: int, samples: dict[str, torch.Tensor], k: int, sources, u
         "aux_loss": update.get("aux_loss"),
         "grad_norm": update["grad_norm"],
         "learning_rate": learning_rate,
-        "episodes_per_s": len(scores_B) / max(seconds, 1e-9),
+        # completions trained on this step, over every process (a step that reuses a batch generates none)
+        "episodes_per_s": update.get("num_sequences", len(scores_B)) / max(seconds, 1e-9),
         "step_seconds": seconds,
     })
     # A skipped step's NaN loss, say: null in metrics.jsonl, never NaN.

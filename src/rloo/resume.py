@@ -41,9 +41,11 @@ logger = logging.getLogger(__name__)
 
 def snapshot(run: Run, state: TrainState) -> TrainState:
     """The loop's state now (RNG, data position, counters, buffered batch): what a checkpoint holds."""
+    scaler = run.accelerator.scaler
     return TrainState(step=state.step, sampler=run.sampler.state_dict(), counters=dict(run.counters),
                       rollout=state.rollout, eval_before=state.eval_before, rng=capture_rng(),
-                      scheduler=copy.deepcopy(run.scheduler.state_dict()))
+                      scheduler=copy.deepcopy(run.scheduler.state_dict()),
+                      scaler=dict(scaler.state_dict()) if scaler is not None else None)
 
 
 def save(run: Run, state: TrainState) -> Path | None:
@@ -110,6 +112,9 @@ def resume(run: Run) -> TrainState:
     meta, tensors = read_checkpoint(path)
     now = fingerprint(run)
     saved = meta.get("fingerprint", {})
+    # Checkpoints from before these keys: one generation per step, the weights in torch_dtype, no autocast.
+    old_dtype = {"auto": "float32"}.get(meta["config"].get("torch_dtype", "float32"), meta["config"].get("torch_dtype"))
+    saved = {"steps_per_generation": 1, "precision": f"{old_dtype} weights, {old_dtype} compute", **saved}
     differences = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now if saved.get(key) != now[key]]
     if differences and not cfg.resume_ignore_mismatch:
         raise CheckpointError(f"cannot resume from {path}: this run differs from it in {'; '.join(differences)} "
@@ -127,6 +132,8 @@ def resume(run: Run) -> TrainState:
         load_weights(run.reference, reference)
     run.optimizer.load_state_dict(optimizer_state(meta["optimizer"], tensors["optimizer"]))
     run.scheduler.load_state_dict(meta["scheduler"])
+    if run.accelerator.scaler is not None and meta.get("scaler"):  # fp16: the loss scale where it stopped
+        run.accelerator.scaler.load_state_dict(meta["scaler"])
     run.sampler.load_state_dict(meta["sampler"])
     rank = run.accelerator.process_index
     if rank >= len(meta["ranks"]):

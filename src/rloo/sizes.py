@@ -89,7 +89,8 @@ def resolve(cfg, num_processes: int = 1, num_train_rows: int | None = None) -> S
 def normalize(cfg) -> None:
     """Fold TRL's dict fields into the fields they name: ``generation_kwargs`` overrides the sampling fields
     (as in TRL); ``model_init_kwargs``' dtype, trust_remote_code, attn_implementation and revision set
-    their fields unless those were set differently elsewhere. Idempotent."""
+    their fields unless those were set differently elsewhere; ``save_strategy no`` is ``save_steps 0``.
+    Idempotent."""
     for key, value in (cfg.generation_kwargs or {}).items():
         if key == "do_sample" and value is True:
             continue
@@ -97,6 +98,8 @@ def normalize(cfg) -> None:
             raise ValueError(f"generation_kwargs: '{key}' is not a sampling setting rloo's samplers honour (they take "
                              f"{', '.join(GENERATION_KWARGS)}); rloo samples num_generations completions per prompt")
         cfg.set(GENERATION_KWARGS[key], value, "generation_kwargs")
+    if cfg.save_strategy == "no" and cfg.save_steps:
+        cfg.set("save_steps", 0, "save_strategy")
     for key, value in (cfg.model_init_kwargs or {}).items():
         field = MODEL_INIT_FIELDS.get(key)
         if field is None:
@@ -164,6 +167,10 @@ def validate(cfg) -> None:
          f"eval_strategy {cfg.eval_strategy!r}: periodic evaluation is not available yet; use eval_strategy no "
          "(rloo evaluates num_eval_samples held-out prompts before and after training)"),
         (not cfg.push_to_hub, "push_to_hub: not available yet; upload the run folder with `huggingface-cli upload`"),
+        (cfg.save_strategy in ("steps", "no"),
+         f"save_strategy must be steps (every save_steps) or no, got {cfg.save_strategy!r}"),
+        (not cfg.remove_unused_columns,
+         "remove_unused_columns: rloo passes every dataset column to the reward functions; set it false"),
     ]
     for ok, message in checks:
         if not ok:

@@ -324,8 +324,10 @@ def run_evaluation(run: Run, when: str) -> dict | None:
         return None
     sync_generator(run)
     policy = run.accelerator.unwrap_model(run.policy)
+    steps_done = run.cfg.sizes.max_steps if when == "after" else 0
     result = evaluate(policy, run.tokenizer, run.eval_dataset, run.sources, run.cfg, run.cfg.num_eval_samples,
-                      accelerator=run.accelerator, generator=run.generator, autocast=run.autocast)
+                      accelerator=run.accelerator, generator=run.generator, autocast=run.autocast,
+                      trainer_state=trainer_state(run, steps_done + 1))
     policy.train()
     if run.accelerator.is_main_process:
         logger.info("held-out reward %s training: %.4f", when, result["reward_mean"])

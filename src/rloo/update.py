@@ -39,11 +39,12 @@ def across_processes(run: Run, rollout: Rollout, update: dict) -> tuple[dict[str
     samples = {name: gather(tensor.contiguous()) for name, tensor in samples.items()}
     device = run.accelerator.device
     totals = gather(torch.tensor([[update["loss"], update["clip_ratio"], update["entropy_sum"], update["num_tokens"],
-                                   update["logprob_gap_sum"], update["aux_loss"]]], dtype=torch.float64, device=device))
+                                   update["logprob_gap_sum"], update["aux_loss"], update["num_sequences"]]],
+                                 dtype=torch.float64, device=device))
     update = dict(update, loss=totals[:, 0].mean().item(), clip_ratio=totals[:, 1].mean().item(),
                   entropy=(totals[:, 2].sum() / totals[:, 3].sum().clamp(min=1)).item(),
                   num_tokens=totals[:, 3].sum().item(), logprob_gap_sum=totals[:, 4].sum().item(),
-                  aux_loss=totals[:, 5].mean().item())
+                  aux_loss=totals[:, 5].mean().item(), num_sequences=int(totals[:, 6].sum().item()))
     return samples, update
 
 
@@ -98,6 +99,7 @@ def policy_update(run: Run, rollout: Rollout, start: int, stop: int) -> dict[str
         rollout.kl_B = torch.cat(kl_B).detach()
     return {
         **totals,
+        "num_sequences": num_sequences,  # the completions this step trained on (its slice of the generation batch)
         "entropy": totals["entropy"] / max(totals["num_tokens"], 1.0),
         "entropy_sum": totals["entropy"],
         "grad_norm": grad_norm if math.isfinite(grad_norm) and not skipped else None,

@@ -98,11 +98,13 @@ class HFGenerator:
         eos_E = torch.tensor(self.eos_token_ids, device=logits_BV.device)
         unfinished_B = torch.ones(logits_BV.shape[0], dtype=torch.bool, device=logits_BV.device)
         tokens, logprobs = [], []
+        if self.repetition is not None:  # padding as a copy of the row's last prompt token: no token of its own
+            last_B1 = prefill.prompt_ids_BL[:, -1:]  # left padding: always a real token
+            seen_prompt_BL = torch.where(prefill.attention_mask_BL.bool(), prefill.prompt_ids_BL, last_B1)
         for step in range(self.max_new_tokens):
             model_logprobs_BV = (logits_BV / self.temperature).log_softmax(-1)
-            if self.repetition is not None:  # over the prompt and the completion so far, as generate's input_ids
-                logits_BV = self.repetition(torch.cat([prefill.prompt_ids_BL, *[t[:, None] for t in tokens]], 1),
-                                            logits_BV)
+            if self.repetition is not None:  # over the real prompt tokens and the completion so far
+                logits_BV = self.repetition(torch.cat([seen_prompt_BL, *[t[:, None] for t in tokens]], 1), logits_BV)
             if self.do_sample:
                 next_B = sample_categorical(self.warpers(None, logits_BV).softmax(-1), generators)
             else:

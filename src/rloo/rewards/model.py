@@ -115,7 +115,9 @@ class RewardModel:
         if not completions:
             return []
         ids_given = all(kwargs.get(key) is not None for key in ("prompt_ids", "completion_ids", "truncated"))
-        if self.scores_token_ids and ids_given:
+        # Chat prompts go through the reward model's own template (with its end-of-turn suffix), as TRL scores
+        # them; the policy's ids lack that suffix.
+        if self.scores_token_ids and ids_given and isinstance(prompts[0], str):
             prompt_ids, completion_ids = self._from_policy_ids(kwargs["prompt_ids"], kwargs["completion_ids"],
                                                                kwargs["truncated"])
             fits = self.max_length is None or all(len(p) + len(c) <= self.max_length
