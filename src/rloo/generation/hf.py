@@ -102,7 +102,7 @@ class HFGenerator:
             last_B1 = prefill.prompt_ids_BL[:, -1:]  # left padding: always a real token
             seen_prompt_BL = torch.where(prefill.attention_mask_BL.bool(), prefill.prompt_ids_BL, last_B1)
         for step in range(self.max_new_tokens):
-            model_logprobs_BV = (logits_BV / self.temperature).log_softmax(-1)
+            model_logits_BV = logits_BV / self.temperature if self.temperature != 1.0 else logits_BV  # processors copy
             if self.repetition is not None:  # over the real prompt tokens and the completion so far
                 logits_BV = self.repetition(torch.cat([seen_prompt_BL, *[t[:, None] for t in tokens]], 1), logits_BV)
             if self.do_sample:
@@ -111,7 +111,7 @@ class HFGenerator:
                 next_B = logits_BV.argmax(-1)
             next_B = torch.where(unfinished_B, next_B, self.pad_token_id)
             tokens.append(next_B)
-            logprobs.append(model_logprobs_BV.gather(-1, next_B[:, None])[:, 0])
+            logprobs.append(model_logits_BV.gather(-1, next_B[:, None])[:, 0] - model_logits_BV.logsumexp(-1))
             unfinished_B &= ~torch.isin(next_B, eos_E)
             done = not unfinished_B.any()
             if self.all_done is not None:
