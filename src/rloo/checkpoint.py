@@ -11,7 +11,7 @@ Layout under ``<output_dir>/checkpoints/``::
         state.json              the rest: step, data position, scheduler, optimizer groups, and per
                                 process python and numpy RNG, counters, rollout texts; eval_before,
                                 the resolved config
-        COMMITTED               written last: {"step": N, "files": {name: size}}
+        COMMITTED               written last: {"step": N, "files": {name: {"size", "sha256"}}}
 
 A save writes everything into ``.tmp-step-000040``, fsyncs each file, writes COMMITTED, renames the
 folder and fsyncs the parent (torch.distributed.checkpoint's rule: metadata last). Discovery ignores
@@ -22,6 +22,7 @@ holding a pickle raises instead of executing, and nothing rloo writes is a pickl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -123,11 +124,17 @@ def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value), encoding="utf-8")  # NaN allowed: an unscorable "before" reward, say
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
 def _commit(tmp: Path, final: Path, step: int) -> None:
-    """fsync every file, write COMMITTED last, rename into place, fsync the parent."""
-    files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    for name in files:
+    """fsync every file, write COMMITTED (each file's size and sha256) last, rename into place, fsync the parent."""
+    names = sorted(p.name for p in tmp.iterdir())
+    for name in names:
         _fsync(tmp / name)
+    files = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
     _write_json(tmp / COMMIT_MARKER, {"step": step, "files": files})
     _fsync(tmp / COMMIT_MARKER)
     _fsync(tmp)
@@ -222,17 +229,67 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
                               "tensors with safetensors only and never unpickles") from None
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """-> (state.json, {"optimizer", "rng", "rollout-rank<r>"...: tensors}); weights are loaded by ``load_weights``."""
+def verify(path: Path) -> None:
+    """Every file COMMITTED names has its committed size and sha256 (sizes first: cheap); else one line,
+    ``damaged: FILE``. (Checkpoints from before hashes carry sizes only.)"""
     try:
         files = json.loads((path / COMMIT_MARKER).read_text(encoding="utf-8"))["files"]
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, KeyError) as err:
-        raise CheckpointError(f"checkpoint {path}: {COMMIT_MARKER} or state.json unreadable ({err})") from None
-    for name, size in files.items():
+        if not isinstance(files, dict):
+            raise TypeError("'files' is not a mapping")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: {COMMIT_MARKER} unreadable ({err})") from None
+    expected = {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in files.items()}
+    for name, entry in expected.items():
         actual = (path / name).stat().st_size if (path / name).is_file() else None
-        if actual != size:
-            raise CheckpointError(f"checkpoint {path}: {name} has {actual} bytes, {size} when committed (damaged)")
+        if actual != entry.get("size"):
+            raise CheckpointError(f"checkpoint {path}: damaged: {name} has {actual} bytes, {entry.get('size')} when "
+                                  "committed")
+    for name, entry in expected.items():
+        if "sha256" in entry and _sha256(path / name) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: damaged: {name} (its sha256 differs from the one committed)")
+
+
+# state.json's keys and the type each must have: a damaged or hand-edited file is named at its first bad key.
+STATE_SCHEMA = {"step": int, "sampler": dict, "num_processes": int, "scheduler": dict, "optimizer": dict,
+                "eval_before": (dict, type(None)), "config": dict, "fingerprint": dict, "ranks": list,
+                "scaler": (dict, type(None))}
+RANK_SCHEMA = {"rng": dict, "counters": dict, "rollout": (dict, type(None))}
+
+
+def check_state(meta: Any, path: Path) -> None:
+    def bad(key: str, what: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path}: state.json: {key} {what}")
+
+    if not isinstance(meta, dict):
+        raise bad("(the whole file)", f"is a {type(meta).__name__}, expected an object")
+    for key, kind in STATE_SCHEMA.items():
+        if key not in meta:
+            raise bad(f"'{key}'", "is missing")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise bad(f"'{key}'", f"is {type(meta[key]).__name__}, expected {getattr(kind, '__name__', 'object or null')}")
+    if meta["step"] < 0 or meta["num_processes"] != len(meta["ranks"]):
+        raise bad("'step' / 'num_processes'", f"out of range ({meta['step']}, {meta['num_processes']} for "
+                  f"{len(meta['ranks'])} ranks)")
+    for name in ("scalars", "param_groups"):
+        if name not in meta["optimizer"]:
+            raise bad(f"'optimizer.{name}'", "is missing")
+    for rank, part in enumerate(meta["ranks"]):
+        for key, kind in RANK_SCHEMA.items():
+            if not isinstance(part, dict) or key not in part:
+                raise bad(f"'ranks[{rank}].{key}'", "is missing")
+            if not isinstance(part[key], kind):
+                raise bad(f"'ranks[{rank}].{key}'", f"is {type(part[key]).__name__}")
+
+
+def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """-> (state.json, {"optimizer", "rng", "rollout-rank<r>"...: tensors}) after ``verify``; weights are
+    loaded by ``load_weights``."""
+    verify(path)
+    try:
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: state.json unreadable ({err})") from None
+    check_state(meta, path)
     tensors = {name: _load_tensors(path / f"{name}.safetensors") for name in ("optimizer", "rng")}
     for rank, part in enumerate(meta["ranks"]):
         if part["rollout"] is not None:
@@ -311,6 +368,7 @@ def _jsonable(value: Any) -> Any:
 
 def read_config(path: Path) -> dict:
     """The resolved config a checkpoint was written with (flat field names)."""
+    verify(path)
     try:
         return json.loads((path / "state.json").read_text(encoding="utf-8"))["config"]
     except (OSError, json.JSONDecodeError, KeyError) as err:

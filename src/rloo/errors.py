@@ -25,6 +25,10 @@ class NonFiniteTrainingError(RlooError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without finishing the step (no checkpoint of it)."""
+
+
 class TrainingInterrupted(RlooError):
     """SIGINT or SIGTERM arrived: the step in progress finished and a checkpoint was written."""
 
@@ -34,3 +38,11 @@ class TrainingInterrupted(RlooError):
         super().__init__(f"{signal_name} received: stopped after step {step}; checkpoint {checkpoint}; continue with "
                          "--resume_from_checkpoint latest")
         self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+
+
+class RunFolderError(RlooError):
+    """The output_dir is held by another run, or holds an earlier run a fresh one would mix with."""
+
+
+class FinalWriteError(RlooError):
+    """The final model folder could not be written; the trained weights are in the checkpoint named."""

@@ -8,12 +8,14 @@ import copy
 import logging
 import re
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rloo.hub import from_pretrained
+from rloo.output_dir import recover_if_free
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(ensure_tldr_tiny_policy())
     if name_or_path.startswith("rloo:"):
         raise ValueError(f"model_name_or_path: unknown built-in model '{name_or_path}' (known: rloo:tldr-tiny-sft)")
+    if Path(name_or_path).is_dir():
+        recover_if_free(Path(name_or_path))  # a run folder whose final model a killed run left half installed
     return name_or_path
 
 

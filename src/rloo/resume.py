@@ -30,6 +30,7 @@ from rloo.checkpoint import (
     rollout_fields,
     save_checkpoint,
     save_reference,
+    verify,
 )
 from rloo.distributed import checkpointable
 from rloo.errors import CheckpointError
@@ -78,6 +79,17 @@ def save(run: Run, state: TrainState) -> Path | None:
     if error is not None:
         raise error
     return path if path is not None else checkpoints_dir(run.output_dir) / f"step-{state.step:06d}"
+
+
+def drop_final_checkpoint(final: Path) -> None:
+    """Remove the checkpoint written only to keep the trained weights safe until the final folder was
+    installed (``save_steps 0``), and the reference with it when no other checkpoint needs it."""
+    remove_checkpoint(final)
+    folder = final.parent
+    if not committed_checkpoints(folder.parent):
+        remove_checkpoint(folder / REFERENCE)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _to_cpu(state: TrainState) -> TrainState:
@@ -129,6 +141,7 @@ def resume(run: Run) -> TrainState:
         reference = path.parent / REFERENCE
         if not (reference / COMMIT_MARKER).is_file():
             raise CheckpointError(f"cannot resume from {path}: beta > 0 but {reference} holds no committed reference")
+        verify(reference)
         load_weights(run.reference, reference)
     run.optimizer.load_state_dict(optimizer_state(meta["optimizer"], tensors["optimizer"]))
     run.scheduler.load_state_dict(meta["scheduler"])

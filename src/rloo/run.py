@@ -15,11 +15,14 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from transformers import get_scheduler
 
-from rloo.checkpoint import committed_checkpoints
+from rloo.checkpoint import resolve_resume_path
 from rloo.config import RLOOConfig
 from rloo.data import PromptSampler, load_prompt_dataset
-from rloo.distributed import lockstep, prepare_frozen, setup_strategy, strategy
+from rloo.distributed import checkpointable, lockstep, prepare_frozen, setup_strategy, strategy
+from rloo.errors import CheckpointError, RunFolderError
 from rloo.generation import Generator, build_generator
+from rloo.guard import UpdateGuard
+from rloo.output_dir import FolderLock, claim
 from rloo.models import (disable_dropout, eos_token_ids, frozen_copy, load_policy, load_tokenizer, prompt_token_limit,
                          resolve_model_path, router_aux_loss_coef)
 from rloo.logprobs import choose_prompt_sharing
@@ -57,6 +60,8 @@ class Run:
     stop_signal: int | None = None  # set by SIGINT / SIGTERM
     prompt_limit: int | None = None  # max_prompt_length, lowered to fit the model's context (models.prompt_token_limit)
     generator_stale: bool = False  # the policy changed since the generator last took its weights
+    lock: Any = None  # output_dir.FolderLock held by the main process for the run's life
+    guard: Any = None  # guard.UpdateGuard: non-finite weights after a step undo it
 
 
     def autocast(self):
@@ -98,6 +103,43 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     # cpu=True without CUDA: then torchrun / `accelerate launch --multi_gpu` processes form a gloo group.
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision_mode(cfg, cuda))
     setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
+    output_dir, lock = claim_output_dir(cfg, accelerator)  # before anything is loaded or written
+    try:
+        return _build(cfg, accelerator, output_dir, lock, model, tokenizer, rewards, train_dataset, eval_dataset,
+                      reward_processing_classes)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def claim_output_dir(cfg: RLOOConfig, accelerator: Accelerator) -> tuple[Path, FolderLock | None]:
+    """The run folder, named and locked by the main process (output_dir.claim); every process learns its
+    name, or the main process's refusal."""
+    output_dir, lock, error = None, None, None
+    if accelerator.is_main_process:
+        output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
+        try:
+            continuing = False
+            if cfg.resume_from_checkpoint:
+                checkpoint = resolve_resume_path(cfg.resume_from_checkpoint, output_dir)
+                continuing = checkpoint.resolve().parent.parent == output_dir.resolve()
+            lock = claim(output_dir, fresh=not continuing, overwrite=cfg.overwrite_output_dir)
+        except (RunFolderError, CheckpointError) as err:
+            error = (type(err).__name__, str(err))
+    if accelerator.num_processes > 1:
+        shared = [str(output_dir) if output_dir is not None else None, error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        output_dir, error = Path(shared[0]), shared[1]
+    if error is not None:
+        kind = CheckpointError if error[0] == "CheckpointError" else RunFolderError
+        raise kind(error[1] if accelerator.is_main_process else f"process 0: {error[1]}")
+    cfg.output_dir = str(output_dir)
+    return output_dir, lock
+
+
+def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, model, tokenizer, rewards,
+           train_dataset, eval_dataset, reward_processing_classes) -> Run:
     train_dataset, eval_dataset = load_datasets(cfg, train_dataset, eval_dataset)
     sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
     policy, tokenizer, start_model, dropout = load_model(cfg, model, tokenizer)
@@ -118,6 +160,7 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     scheduler = build_scheduler(cfg, optimizer, sizes.max_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.train()
+    guard = UpdateGuard(policy, optimizer, undoable=checkpointable(accelerator))
     if reference is not None:  # sharded like the policy under FSDP / ZeRO-3, else a whole copy on the device
         reference = prepare_frozen(accelerator, reference)
     for fn in sources.fns:
@@ -128,21 +171,14 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         choose_prompt_sharing(policy, reference)
     sampler = PromptSampler(len(train_dataset), sizes.num_prompts_per_generation, cfg.seed,
                             accelerator.process_index, accelerator.num_processes, cfg.shuffle_dataset)
-    output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
-    cfg.output_dir = str(output_dir)
-    if not cfg.resume_from_checkpoint and committed_checkpoints(output_dir):
-        raise ValueError(f"output_dir '{output_dir}' holds checkpoints of an earlier run: continue it with "
-                         "--resume_from_checkpoint latest, or choose another output_dir")
     if accelerator.is_main_process:
         logger.info("%s; config (`rloo train --help` explains each field):\n%s", precision.name, cfg.describe())
     # Last: a vLLM engine (its processes) or server connection, once every check has passed.
     generator = build_generator(cfg, unwrapped, tokenizer, eos_token_ids(unwrapped, tokenizer),
                                 all_done=lockstep(accelerator, cfg.ds3_gather_for_generation),
                                 dtype=precision.compute or precision.weights)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,
-               sampler, optimizer, scheduler, output_dir, start_model, precision, aux_loss_coef, dropout,
+               sampler, optimizer, scheduler, output_dir, start_model, precision, aux_loss_coef, dropout, lock=lock, guard=guard,
                prompt_limit=prompt_token_limit(unwrapped, cfg.max_prompt_length, cfg.max_completion_length))
 
 
@@ -178,7 +214,7 @@ def load_rewards(cfg: RLOOConfig, rewards, tokenizer, dtype: torch.dtype | None 
     """The run's reward sources; a reward model scores the policy's token ids when it shares the
     policy's vocabulary, each prompt once per group when ``share_prompt_prefix`` (RewardModel)."""
     model_kwargs = {key: value for key, value in (cfg.model_init_kwargs or {}).items() if key not in MODEL_INIT_FIELDS}
-    return build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
+    sources = build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
                          cfg.reward_model_name_or_path, device="cpu",
                          reward_model_kwargs={"append_eos": cfg.reward_model_append_eos, "policy_tokenizer": tokenizer,
                                               "share_prompt": cfg.share_prompt_prefix, "torch_dtype": dtype,
@@ -186,6 +222,8 @@ def load_rewards(cfg: RLOOConfig, rewards, tokenizer, dtype: torch.dtype | None 
                                               "chat_template_kwargs": cfg.chat_template_kwargs,
                                               "model_kwargs": model_kwargs},
                          reward_processing_classes=reward_processing_classes)
+    sources.timeout = cfg.reward_timeout
+    return sources
 
 
 def load_datasets(cfg: RLOOConfig, train_dataset, eval_dataset) -> tuple[Any, Any]:

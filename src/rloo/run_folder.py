@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import yaml
 
+from rloo.final import write_final
 from rloo.hub import is_local
 from rloo.models import restored_config
 
@@ -48,23 +50,42 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def save_run_folder(run, summary: dict | None, state_dict: dict | None = None) -> None:
-    """Weights (safetensors), config, tokenizer, generation config, resolved YAML, eval.json, README.md.
-    ``state_dict``: the policy's weights when gathered from shards (FSDP / ZeRO-3), else its own."""
+def save_run_folder(run, summary: dict | None, state_dict: dict | None = None, checkpoint: Path | None = None) -> None:
+    """Weights (safetensors), config, tokenizer, generation config, resolved YAML, eval.json, README.md,
+    written whole or not at all (``write_final``). ``state_dict``: the policy's weights when gathered from
+    shards (FSDP / ZeRO-3), else its own; ``checkpoint``: where the same weights are saved, named if the
+    write fails."""
     cfg, out = run.cfg, run.output_dir
     model = run.accelerator.unwrap_model(run.policy)
     gen = model.generation_config
     gen.do_sample, gen.temperature, gen.max_new_tokens = True, cfg.temperature, cfg.max_completion_length
     gen.top_p, gen.top_k = cfg.top_p, (cfg.top_k or None)
     gen.eos_token_id, gen.pad_token_id = run.generator.eos_token_ids, run.tokenizer.pad_token_id
-    with restored_config(run.dropout_rates):  # the folder keeps the model's own dropout rates
-        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
-    run.tokenizer.save_pretrained(out)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    if summary is not None:
-        (out / "eval.json").write_text(json.dumps(summary, indent=2))
     example = run.eval_dataset[0]["prompt"] if run.eval_dataset is not None else run.train_dataset[0]["prompt"]
-    (out / "README.md").write_text(model_card(cfg, run.start_model, run.sources, summary, example, run.tokenizer, out))
+
+    def write(folder: Path) -> None:
+        with restored_config(run.dropout_rates):  # the folder keeps the model's own dropout rates
+            model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+        run.tokenizer.save_pretrained(folder)
+        (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        if summary is not None:
+            (folder / "eval.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False),
+                                              encoding="utf-8")
+        card = model_card(cfg, run.start_model, run.sources, summary, example, run.tokenizer, out)
+        (folder / "README.md").write_text(card, encoding="utf-8")
+
+    write_final(out, write, checkpoint)
+
+
+def strict_json(value):
+    """NaN and +-inf -> None, recursively: what strict JSON (``allow_nan=False``) can hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 def quick_start(model_path: str, example_prompt, has_chat_template: bool, max_new_tokens: int) -> str:

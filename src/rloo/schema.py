@@ -207,6 +207,10 @@ class TrainingArgs:
 @dataclass
 class RunArgs:
     output_dir: str | None = arg(None, "Run folder; default runs/<preset>-<timestamp>.")
+    overwrite_output_dir: bool = arg(
+        False, "A fresh run into an output_dir that already holds a run (or anything): move that folder aside whole "
+        "(<output_dir>.replaced-<time>) and start in an empty one. Off: such a folder is refused.",
+    )
     logging_steps: int = arg(1, "Write metrics every this many steps.")
     disable_tqdm: bool = arg(False, "Turn the progress bar off.")
     save_steps: int = arg(500, "Write a checkpoint (output_dir/checkpoints/step-N) every this many steps; 0 = never.")
@@ -221,6 +225,10 @@ class RunArgs:
     reward_errors: str = arg(
         "raise", "A reward function that raises: 'raise' (save a checkpoint, stop naming function and sample) or "
         "'isolate' (that sample is unscorable by it; counted in the metric num_reward_errors)."
+    )
+    reward_timeout: float | None = arg(
+        1800.0, "Seconds one reward call (a function on a batch, or a reward model) may take; one that overruns stops "
+        "the run as one that raises (a checkpoint of the state before the step, one line naming it). None: no limit.",
     )
     max_nonfinite_steps: int = arg(
         3, "Consecutive steps with a non-finite loss or gradient (each skipped) after which the run stops."

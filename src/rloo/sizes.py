@@ -113,6 +113,10 @@ def normalize(cfg) -> None:
 
 def validate(cfg) -> None:
     """Range checks that need no model or data; each failure is one line naming the field."""
+    for name, value in cfg.to_dict().items():  # inf / NaN pass every comparison below or fail it late
+        numbers = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"{name} must be finite, got {value}")
     checks = [
         (cfg.num_generations >= 2, "num_generations must be >= 2 (the leave-one-out baseline needs a sibling)"),
         (cfg.max_completion_length >= 1, "max_completion_length must be >= 1"),
@@ -155,6 +159,7 @@ def validate(cfg) -> None:
         (cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit must be >= 1 or None"),
         (cfg.reward_errors in ("raise", "isolate"), f"reward_errors must be 'raise' or 'isolate', got {cfg.reward_errors!r}"),
         (cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
+        (cfg.reward_timeout is None or cfg.reward_timeout > 0, "reward_timeout must be > 0 seconds, or None (no limit)"),
         (cfg.resume_from_checkpoint != "latest" or cfg.output_dir is not None,
          "resume_from_checkpoint=latest needs output_dir (the run folder whose newest checkpoint to continue)"),
         (cfg.torch_dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from rloo.checkpoint import TrainState
+from rloo.checkpoint import TrainState, committed_checkpoints
 from rloo.config import RLOOConfig
 from rloo.data import gather_rows, render_prompt, tokenize_prompts
 from rloo.distributed import full_state_dict, gathered_for_generation
@@ -31,12 +31,13 @@ from rloo.errors import (
     GenerationServerError,
     NonFiniteTrainingError,
     RewardFunctionError,
+    StopNow,
     TrainingInterrupted,
 )
 from rloo.evaluate import evaluate, paired_gain
 from rloo.generation import prompt_seeds
 from rloo.metrics import MetricsWriter, step_metrics, timed
-from rloo.resume import resume, save, snapshot
+from rloo.resume import drop_final_checkpoint, resume, save, snapshot
 from rloo.rollout import Rollout, add_advantages, add_logprobs, sample, score
 from rloo.run import Run, setup, sync_generator
 from rloo.run_folder import save_run_folder
@@ -83,6 +84,8 @@ def train(
             return _train(run)
     finally:
         run.generator.close()  # a vLLM engine's processes
+        if run.lock is not None:
+            run.lock.release()  # the folder is free for the next run (its resume, say)
 
 
 def _train(run: Run) -> TrainResult:
@@ -120,12 +123,15 @@ def _train(run: Run) -> TrainResult:
     finally:
         progress.close()
         writer.close()
+    final = save(run, snapshot(run, state))  # the trained weights, before anything else can fail (None: sharded)
     eval_after = run_evaluation(run, "after")
     stop_if_asked(run, state)  # a signal during the last evaluation: resuming redoes only the evaluation
     summary = summarize(state.eval_before, eval_after)
     weights = full_state_dict(run.accelerator, run.policy)  # gathered from the shards by every process
     if run.accelerator.is_main_process:  # phase 6
-        save_run_folder(run, summary, weights)
+        save_run_folder(run, summary, weights, checkpoint=final)
+        if not cfg.save_steps and final is not None:  # no checkpoints asked for: that one was the final write's insurance
+            drop_final_checkpoint(final)
     run.accelerator.wait_for_everyone()  # the run folder is complete when train() returns, on every process
     return TrainResult(run.output_dir, state.eval_before, eval_after, history, cfg)
 
@@ -160,10 +166,11 @@ def training_step(run: Run, state: TrainState, step: int) -> dict:
     if update["skipped"]:
         run.counters["num_nonfinite_steps"] += 1
         run.counters["consecutive_nonfinite_steps"] += 1
-        logger.warning("step %d: non-finite loss or gradient norm; the update was skipped", step)
+        logger.warning("step %d: %s; the update was skipped", step, update["skipped_reason"])
         if run.counters["consecutive_nonfinite_steps"] >= cfg.max_nonfinite_steps:
-            raise NonFiniteTrainingError(f"{cfg.max_nonfinite_steps} consecutive steps with a non-finite loss or "
-                                         "gradient (max_nonfinite_steps); the weights are those of the last good step")
+            raise NonFiniteTrainingError(f"{cfg.max_nonfinite_steps} consecutive steps with a non-finite loss, "
+                                         "gradient or updated weights (max_nonfinite_steps); the weights are those of "
+                                         "the last good step")
     else:
         run.counters["consecutive_nonfinite_steps"] = 0
     state.step = step
@@ -286,7 +293,10 @@ def stop_on_signals(run: Run):
 
     def request_stop(signum, frame):
         if run.stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            newest = committed_checkpoints(run.output_dir)
+            where = (f"the newest checkpoint is {newest[-1]} (--resume_from_checkpoint latest)" if newest
+                     else "no checkpoint was written before it")
+            raise StopNow(f"a second Ctrl-C: stopped at once, without a checkpoint of the step in progress; {where}")
         run.stop_signal = signum
         logger.warning("%s received: finishing this step, then writing a checkpoint (Ctrl-C again: stop now)",
                        signal.Signals(signum).name)

@@ -10,6 +10,7 @@ import torch
 
 from rloo import objective
 from rloo.architecture import RouterLogits
+from rloo.errors import NonFiniteTrainingError
 from rloo.logprobs import completion_logprobs
 from rloo.rollout import Rollout, add_advantages
 from rloo.run import Run
@@ -63,6 +64,7 @@ def policy_update(run: Run, rollout: Rollout, start: int, stop: int) -> dict[str
     totals = dict.fromkeys(("loss", "clip_ratio", "entropy", "num_tokens", "logprob_gap_sum", "aux_loss"), 0.0)
     kl_B, advantages_B = [], []
     micro_batches = list(rollout.rows(start, stop).row_batches(sizes.num_completions_per_micro_batch))
+    run.guard.take()  # the weights and optimizer state before this step, copied while it computes (guard.py)
     for index, mb in enumerate(micro_batches):
         # Across processes, gradients are averaged once, after the step's last micro-batch (DDP no_sync).
         last = index == len(micro_batches) - 1
@@ -90,8 +92,17 @@ def policy_update(run: Run, rollout: Rollout, start: int, stop: int) -> dict[str
     if run.accelerator.num_processes > 1:  # every process skips, or none does
         flag = torch.tensor([skipped], dtype=torch.int32, device=run.accelerator.device)
         skipped = bool(run.accelerator.reduce(flag, "max").item())
+    reason = "non-finite loss or gradient norm"
     if not skipped:
+        run.guard.ready()
         run.optimizer.step()  # with a scaler: skipped by it on an overflow, which then lowers the scale
+        if not weights_finite(run):
+            if not run.guard.undoable:
+                raise NonFiniteTrainingError("the update left non-finite weights, which FSDP / DeepSpeed updates "
+                                             "cannot undo; lower learning_rate")
+            run.guard.undo()  # as if the step had been skipped: weights and Adam moments as before
+            skipped, reason = True, "non-finite weights after the update (undone)"
+    run.guard.release()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.generator_stale = True
@@ -104,8 +115,18 @@ def policy_update(run: Run, rollout: Rollout, start: int, stop: int) -> dict[str
         "entropy_sum": totals["entropy"],
         "grad_norm": grad_norm if math.isfinite(grad_norm) and not skipped else None,
         "skipped": skipped,
+        "skipped_reason": reason if skipped else None,
         "advantages_B": torch.cat(advantages_B).detach(),
     }
+
+
+def weights_finite(run: Run) -> bool:
+    """Every parameter finite on every process (all agree, so all undo or none)."""
+    finite = run.guard.finite()
+    if run.accelerator.num_processes > 1:
+        flag = torch.tensor([not finite], dtype=torch.int32, device=run.accelerator.device)
+        finite = not run.accelerator.reduce(flag, "max").item()
+    return finite
 
 
 def micro_batch_loss(run: Run, mb: Rollout, num_sequences: int) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -56,6 +56,7 @@ class RewardSources:
     names: list[str]
     fns: list[RewardFn]
     weights: list[float]
+    timeout: float | None = None  # seconds one call may take (reward_timeout); None: no limit
 
 
 def build_rewards(

@@ -6,8 +6,10 @@ values as NaN; a function that raises is found out sample by sample.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
+import logging
 import math
 import numbers
 import threading
@@ -15,7 +17,11 @@ from typing import Any
 
 import torch
 
-from rloo.errors import RewardFunctionError
+from rloo.errors import RewardFunctionError, StopNow
+from rloo.rewards.deadline import Overran, deadline
+
+logger = logging.getLogger(__name__)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def is_async(fn: Any) -> bool:
@@ -40,12 +46,74 @@ def _event_loop() -> asyncio.AbstractEventLoop:
         return _loop
 
 
-def _await_all(calls: list) -> list:
-    """Run coroutine functions concurrently: their results, or the exception each raised."""
-    async def gather():
-        return await asyncio.gather(*(call() for call in calls), return_exceptions=True)
+class _Exited:
+    """What an ``async def`` function that raised KeyboardInterrupt / SystemExit returned to gather (those
+    would otherwise end the event loop's thread and leave the caller waiting)."""
 
-    return asyncio.run_coroutine_threadsafe(gather(), _event_loop()).result()
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class _TimedOut:
+    """What an ``async def`` function still running after the timeout returned to gather."""
+
+
+def _await_all(calls: list, timeout: float | None = None) -> list:
+    """Run coroutine functions concurrently: their results, or the exception each raised (``_Exited``,
+    ``_TimedOut`` for the ways out that are not a reward's failure)."""
+    async def guarded(call):
+        try:
+            async with asyncio.timeout(timeout) as limit:
+                return await call()
+        except TimeoutError as err:
+            return _TimedOut() if limit.expired() else err
+        except (KeyboardInterrupt, SystemExit) as err:
+            return _Exited(err)
+        except Exception as err:  # noqa: BLE001 - the caller finds out which samples fail
+            return err
+
+    async def gather():
+        return await asyncio.gather(*(guarded(call) for call in calls))
+
+    future = asyncio.run_coroutine_threadsafe(gather(), _event_loop())
+    try:  # an async function that blocks the loop itself (time.sleep) is not stopped by asyncio's timeout
+        return future.result(timeout=None if timeout is None else timeout + 10)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        return [_TimedOut()] * len(calls)
+
+
+def call_reward(name: str, fn, kwargs: dict, timeout: float | None, num_samples: int):
+    """One call of a reward source: its value, or the Exception it raised (found out sample by sample by
+    the caller). Overrunning ``timeout`` and leaving by SystemExit / KeyboardInterrupt are not a sample's
+    failure: RewardFunctionError at once (``reward_errors isolate`` does not apply)."""
+    try:
+        if is_async(fn):
+            result = _await_all([functools.partial(fn, **kwargs)], timeout)[0]
+        else:
+            with deadline(timeout):
+                result = fn(**kwargs)
+    except Overran:
+        result = _TimedOut()
+    except StopNow:
+        raise
+    except (KeyboardInterrupt, SystemExit) as err:
+        result = _Exited(err)
+    except Exception as err:  # noqa: BLE001 - found out sample by sample by the caller
+        return err
+    return _final(name, result, timeout, num_samples)
+
+
+def _final(name: str, result, timeout: float | None, num_samples: int):
+    if isinstance(result, _TimedOut):
+        raise RewardFunctionError(f"reward function '{name}' did not return within reward_timeout = {timeout:g} s "
+                                  f"(a batch of {num_samples} samples); make it faster, or raise reward_timeout")
+    if isinstance(result, _Exited):
+        err = result.error
+        raise RewardFunctionError(f"reward function '{name}' raised {type(err).__name__}"
+                                  f"{'(' + repr(err.args[0]) + ')' if err.args else ''}: a reward function must return "
+                                  "its values (or raise an Exception), not end the process") from None
+    return result
 
 
 def score_completions(
@@ -92,44 +160,41 @@ def score_completions(
     synchronous = [f for f, fn in enumerate(sources.fns) if not is_async(fn)]
     asynchronous = [f for f, fn in enumerate(sources.fns) if is_async(fn)]
     results: dict[int, Any] = {}
+    timeout = getattr(sources, "timeout", None)
     for f in synchronous:
-        try:
-            results[f] = sources.fns[f](**batch, **shared)
-        except Exception as err:  # noqa: BLE001 - found out sample by sample below
-            results[f] = err
+        results[f] = call_reward(sources.names[f], sources.fns[f], {**batch, **shared}, timeout, num_completions)
     if asynchronous:
-        done = _await_all([functools.partial(sources.fns[f], **batch, **shared) for f in asynchronous])
-        results.update(zip(asynchronous, done))
+        done = _await_all([functools.partial(sources.fns[f], **batch, **shared) for f in asynchronous], timeout)
+        results.update((f, _final(sources.names[f], result, timeout, num_completions))
+                       for f, result in zip(asynchronous, done))
     for f, result in sorted(results.items()):
         name, fn = sources.names[f], sources.fns[f]
-        if isinstance(result, BaseException) and not isinstance(result, Exception):
-            raise result  # KeyboardInterrupt, SystemExit: not a reward's failure
         values = None
         if not isinstance(result, Exception):
             values = as_floats(name, result, num_completions)  # our own checks raise: the function's contract
         if values is None:
-            values = _one_by_one(name, fn, batch, shared, on_error, errors)
+            values = _one_by_one(name, fn, batch, shared, on_error, errors, timeout)
         rewards_NF[:, f] = torch.tensor(values, dtype=torch.float32)
     return rewards_NF
 
 
-def _call_one(fn, one: dict, shared: dict) -> Any:
-    if is_async(fn):
-        result = _await_all([functools.partial(fn, **one, **shared)])[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
-    return fn(**one, **shared)
+def _call_one(name: str, fn, one: dict, shared: dict, timeout: float | None) -> Any:
+    result = call_reward(name, fn, {**one, **shared}, timeout, 1)
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
-def _one_by_one(name, fn, batch: dict, shared: dict, on_error, errors) -> list[float]:
+def _one_by_one(name, fn, batch: dict, shared: dict, on_error, errors, timeout=None) -> list[float]:
     """The function again, one sample at a time: NaN where it raises (isolate) or the first failure (raise)."""
     values = []
     completions = batch["completions"]
     for i in range(len(completions)):
         one = {key: [value[i]] for key, value in batch.items()}
         try:
-            values += as_floats(name, _call_one(fn, one, shared), 1)
+            values += as_floats(name, _call_one(name, fn, one, shared, timeout), 1)
+        except RewardFunctionError:
+            raise  # overran or left the process: not one sample's failure
         except Exception as err:
             what = " ".join(str(err).split())  # one line, whatever the function's message
             line = (f"reward function '{name}' raised {type(err).__name__}: {what} on sample {i} of the batch "
@@ -167,6 +232,11 @@ def as_floats(name: str, values: Any, num_completions: int) -> list[float]:
             floats.append(math.nan)
         elif isinstance(value, numbers.Real) and not isinstance(value, bool):
             number = float(value)
+            if math.isfinite(number) and abs(number) > FLOAT32_MAX:
+                logger.warning("reward function '%s' returned %g at index %d, beyond float32's range (%.1e), in "
+                               "which rewards are kept: treated as non-finite (that source does not score the "
+                               "sample)", name, number, i, FLOAT32_MAX)
+                number = math.nan
             floats.append(number if math.isfinite(number) else math.nan)
         else:
             raise TypeError(

@@ -1,0 +1,75 @@
+"""The check after every optimizer step: no parameter may be NaN or infinite.
+
+A finite loss and gradient can still give non-finite weights (an update that overflows: a huge
+learning rate or weight decay, weights already near the dtype's limit). ``UpdateGuard`` keeps the
+parameters and the optimizer state as they were before the step (``take``) and, when the step left
+any parameter non-finite, puts them back (``undo``): the step is then skipped exactly as one with a
+non-finite gradient is (weights and Adam moments untouched, the schedule advances, counted in
+``num_nonfinite_steps``). The copy goes to CPU memory (pinned, from a side stream on a GPU, so it runs
+while the micro-batches' forward and backward passes do); the check is one fused max-abs reduction.
+
+FSDP and DeepSpeed hold sharded parameters and optimizer state that rloo does not copy: there the
+check runs and a non-finite result stops the run (``undoable`` False).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+
+class UpdateGuard:
+    def __init__(self, model: torch.nn.Module, optimizer, undoable: bool):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer, self.undoable = optimizer, undoable
+        self.saved: tuple[list[torch.Tensor], dict] | None = None
+        self.stream = None
+
+    def take(self) -> None:
+        """Copy the parameters and optimizer state (nothing changes them until ``optimizer.step``)."""
+        if not self.undoable:
+            return
+        cuda = self.params[0].is_cuda
+        if cuda:
+            self.stream = torch.cuda.Stream()
+            self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext():
+            params = [_copy(p.detach()) for p in self.params]
+            state = self.optimizer.state_dict()
+            state = {"state": {i: {k: _copy(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                               for i, s in state["state"].items()},
+                     "param_groups": [dict(group) for group in state["param_groups"]]}
+        self.saved = (params, state)
+
+    def ready(self) -> None:
+        """Wait for the copy (before ``optimizer.step`` changes what it copies)."""
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.stream.synchronize()
+
+    def finite(self) -> bool:
+        if not self.params:
+            return True
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]  # FSDP2: this process's shard
+        norms = torch._foreach_norm([p.detach() for p in local], math.inf)
+        return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all().item())
+
+    def undo(self) -> None:
+        params, state = self.saved
+        with torch.no_grad():
+            for p, saved in zip(self.params, params):
+                p.copy_(saved, non_blocking=False)
+        self.optimizer.load_state_dict(state)
+
+    def release(self) -> None:
+        self.saved, self.stream = None, None
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_cuda:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        out.copy_(tensor, non_blocking=True)
+        return out
+    return tensor.clone()
