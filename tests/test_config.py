@@ -33,8 +33,8 @@ FIELD_NAMES = [
     "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed", "bf16", "fp16", "pure_low_precision",
     "gradient_checkpointing",
     # run
-    "output_dir", "logging_steps", "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
-    "resume_ignore_mismatch", "reward_errors", "max_nonfinite_steps", "report_to", "eval_strategy", "push_to_hub",
+    "output_dir", "overwrite_output_dir", "logging_steps", "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
+    "resume_ignore_mismatch", "reward_errors", "reward_timeout", "max_nonfinite_steps", "report_to", "eval_strategy", "push_to_hub",
     "preset",
 ]
 

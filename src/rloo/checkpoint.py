@@ -38,6 +38,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from rloo.errors import CheckpointError
+from rloo.files import fsync as _fsync
 
 COMMIT_MARKER = "COMMITTED"
 REFERENCE = "reference"
@@ -112,21 +113,17 @@ def resolve_resume_path(spec: str, output_dir: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- write
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _write_json(path: Path, value: Any) -> None:
     path.write_text(json.dumps(value), encoding="utf-8")  # NaN allowed: an unscorable "before" reward, say
 
 
 def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _commit(tmp: Path, final: Path, step: int) -> None:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -109,6 +110,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rloo.models import load_policy, load_tokenizer, resolve_model_path
     from rloo.run import load_rewards
 
+    if args.num_samples is not None and args.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1 (held-out prompts to score), got {args.num_samples}")
+    if not 0 <= args.eval_seed < 2**32:
+        raise ValueError(f"--eval_seed must be in 0..2**32-1, got {args.eval_seed}")
     overrides = overrides_from(args, ("model", "dataset", "num_samples", "eval_seed"))
     cfg = eval_config(resolve_model_path(args.model), args.config, overrides)
     cfg.use_vllm = False  # rloo eval samples with the transformers backend (no engine or server to start)
@@ -129,7 +134,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                            else "cuda", dtype=LOW[mode])
     result = evaluate(model, tokenizer, dataset, sources, cfg, args.num_samples or cfg.num_eval_samples or None,
                       seed=args.eval_seed, autocast=autocast)
-    print(json.dumps({k: v for k, v in result.items() if not k.startswith("per_prompt")}))
+    from rloo.run_folder import strict_json
+
+    print(json.dumps(strict_json({k: v for k, v in result.items() if not k.startswith("per_prompt")}), allow_nan=False))
     return 0
 
 
@@ -140,6 +147,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from rloo.generation.hf import HFGenerator
     from rloo.models import eos_token_ids, load_policy, load_tokenizer, resolve_model_path
 
+    for option, ok, expected in (("max_new_tokens", args.max_new_tokens >= 1, ">= 1"),
+                                 ("num_generations", args.num_generations >= 1, ">= 1"),
+                                 ("temperature", math.isfinite(args.temperature) and args.temperature >= 0,
+                                  ">= 0 (0 = greedy)"),
+                                 ("seed", 0 <= args.seed < 2**32, "in 0..2**32-1")):
+        if not ok:
+            raise ValueError(f"--{option} must be {expected}, got {getattr(args, option)}")
     path = resolve_model_path(args.model)
     model = load_policy(path, trust_remote_code=args.trust_remote_code)
     tokenizer = load_tokenizer(path, args.trust_remote_code)
@@ -160,11 +174,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_vllm_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from rloo.generation.vllm import serve
+    from rloo.generation.vllm import require_vllm
     from rloo.models import resolve_model_path
 
-    serve(resolve_model_path(args.model), args.host, args.port, tensor_parallel_size=args.tensor_parallel_size,
-          data_parallel_size=args.data_parallel_size,
+    require_vllm("serve")  # one line, before FastAPI / uvicorn are imported
+    from rloo.generation.vllm_server import serve
+
+    serve(resolve_model_path(args.model), args.host, args.port, api_key=args.api_key,
+          tensor_parallel_size=args.tensor_parallel_size, data_parallel_size=args.data_parallel_size,
           gpu_memory_utilization=args.gpu_memory_utilization or (0.9 if torch.cuda.is_available() else 0.3),
           dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed)
     return 0
@@ -192,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("vllm-serve", help="Serve generation with vLLM for `rloo train --use_vllm true "
                                 "--vllm_mode server` (weights pushed by the trainer).", allow_abbrev=False)
     serve.add_argument("--model", required=True, help="The policy to start from (folder, hub id or rloo:tldr-tiny-sft).")
-    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on.")
+    serve.add_argument("--host", default="127.0.0.1", help="Address to listen on; any but loopback (127.0.0.1, ::1, "
+                       "localhost) needs an API key.")
+    serve.add_argument("--api_key", default=None, help="Shared secret every request must carry (Authorization: Bearer "
+                       "KEY; rloo train sends RLOO_VLLM_API_KEY); default: the RLOO_VLLM_API_KEY environment variable, "
+                       "which is better (a command line is visible to other users).")
     serve.add_argument("--port", type=int, default=8000, help="Port to listen on.")
     serve.add_argument("--tensor_parallel_size", type=int, default=1, help="GPUs per engine.")
     serve.add_argument("--data_parallel_size", type=int, default=1, help="Engines; each request's prompts are split over them.")
@@ -219,11 +240,26 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as err:
         print(f"rloo {args.command}: {err}", file=sys.stderr)
         return err.exit_code
+    except KeyboardInterrupt as err:  # a second Ctrl-C in training (StopNow), or one before training started
+        if os.environ.get("RLOO_DEBUG"):
+            raise
+        print(f"rloo {args.command}: {err or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        return 130
     except (ValueError, TypeError, OSError, RlooError) as err:
         if os.environ.get("RLOO_DEBUG"):
             raise
-        print(f"rloo {args.command}: error: {err}", file=sys.stderr)
+        print(f"rloo {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 1
+    except Exception as err:  # noqa: BLE001 - still one line; the traceback is for RLOO_DEBUG=1
+        if os.environ.get("RLOO_DEBUG"):
+            raise
+        print(f"rloo {args.command}: error: {type(err).__name__}: {one_line(err)} (unexpected: RLOO_DEBUG=1 shows "
+              "where; please report it)", file=sys.stderr)
+        return 1
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

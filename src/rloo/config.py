@@ -15,8 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from rloo.files import parse_yaml, read_utf8
 from rloo.schema import FIELD_SECTION, SECTIONS
 
 DEFAULT_PRESET = "tldr-tiny"
@@ -212,10 +211,10 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | Non
         text = resources.files("rloo.configs").joinpath(f"{name_or_path}.yaml").read_text()
         preset, source = name_or_path, f"preset {name_or_path}"
     elif Path(name_or_path).is_file():
-        text, preset, source = Path(name_or_path).read_text(), None, f"file {Path(name_or_path).name}"
+        text, preset, source = read_utf8(name_or_path), None, f"file {Path(name_or_path).name}"
     else:
         raise ValueError(f"--config '{name_or_path}': not a preset ({', '.join(preset_names())}) nor a YAML file")
-    values = yaml.safe_load(text) or {}
+    values = parse_yaml(text, f"--config {name_or_path}") or {}
     if not isinstance(values, dict):
         raise ValueError(f"config '{name_or_path}': expected a mapping of field: value")
     cfg = RLOOConfig().update(values, source)

@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 import torch
 
+from rloo.files import not_utf8, read_utf8
 from rloo.hub import call_hub
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,8 @@ def load_prompt_dataset(
     through ``validate_prompt_rows``, so a bad row fails here, before any model is loaded.
     """
     ds = _load_any(name_or_path, split, prompt_column)
+    if ds.num_rows == 0:
+        raise ValueError(f"dataset '{name_or_path}' (split {split!r}) is empty: no rows")
     validate_prompt_rows(ds, prompt_column)
     return ds
 
@@ -87,33 +90,42 @@ def _read_file(path: Path, prompt_column: str) -> datasets.Dataset:
         return _read_jsonl(path, prompt_column)
     if suffix == ".json":
         return _read_json(path, prompt_column)
-    if suffix == ".csv":
-        return datasets.Dataset.from_csv(str(path))
-    if suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path))
+    if suffix in (".csv", ".parquet"):
+        if path.stat().st_size == 0:
+            raise ValueError(f"dataset file {path} is empty: no rows")
+        read = datasets.Dataset.from_csv if suffix == ".csv" else datasets.Dataset.from_parquet
+        try:
+            return read(str(path))
+        except UnicodeDecodeError as err:
+            raise not_utf8(path, path.read_bytes(), err) from None
+        except Exception as err:  # pyarrow's and datasets' parse errors, which do not all name the file
+            reason = " ".join(str(err).split())[:300]
+            raise ValueError(f"dataset file {path}: not a readable {suffix[1:]} file ({type(err).__name__}: "
+                             f"{reason})") from None
     raise ValueError(f"dataset file '{path}' has an unsupported suffix '{path.suffix}'; use one of {FILE_SUFFIXES}")
 
 
 def _read_jsonl(path: Path, prompt_column: str) -> datasets.Dataset:
     """One JSON object per line; read here (not by ``datasets``) so an error can name the line."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+    for line_number, line in enumerate(read_utf8(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}, line {line_number}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {line_number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"dataset file {path} is empty: no rows")
     return _rows_to_dataset(rows, path, prompt_column)
 
 
 def _read_json(path: Path, prompt_column: str) -> datasets.Dataset:
     """A JSON list of row objects, or a dict of equal-length columns; JSON lines named .json also work."""
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:

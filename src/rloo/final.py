@@ -26,16 +26,10 @@ from typing import Callable
 from safetensors import SafetensorError
 
 from rloo.errors import FinalWriteError
+from rloo.files import fsync as _fsync
 
 TMP, READY, INSTALLED, LISTING = ".tmp-final", ".final-ready", ".rloo-final.json", ".files.json"
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_final(out: Path, write: Callable[[Path], None], checkpoint: Path | None = None) -> None:

@@ -26,6 +26,7 @@ class UpdateGuard:
         self.optimizer, self.undoable = optimizer, undoable
         self.saved: tuple[list[torch.Tensor], dict] | None = None
         self.stream = None
+        self.buffers: dict[tuple, torch.Tensor] = {}
 
     def take(self) -> None:
         """Copy the parameters and optimizer state (nothing changes them until ``optimizer.step``)."""
@@ -33,15 +34,24 @@ class UpdateGuard:
             return
         cuda = self.params[0].is_cuda
         if cuda:
-            self.stream = torch.cuda.Stream()
+            self.stream = self.stream or torch.cuda.Stream()
             self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream) if cuda else contextlib.nullcontext():
-            params = [_copy(p.detach()) for p in self.params]
+            params = [self._copy(("param", i), p.detach()) for i, p in enumerate(self.params)]
             state = self.optimizer.state_dict()
-            state = {"state": {i: {k: _copy(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                               for i, s in state["state"].items()},
+            state = {"state": {i: {k: self._copy(("state", i, k), v) if isinstance(v, torch.Tensor) else v
+                                   for k, v in s.items()} for i, s in state["state"].items()},
                      "param_groups": [dict(group) for group in state["param_groups"]]}
         self.saved = (params, state)
+
+    def _copy(self, key, tensor: torch.Tensor) -> torch.Tensor:
+        """Into a buffer kept from step to step (pinned CPU memory for a GPU tensor: allocated once)."""
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.is_cuda)
+            self.buffers[key] = buffer
+        buffer.copy_(tensor, non_blocking=tensor.is_cuda)
+        return buffer
 
     def ready(self) -> None:
         """Wait for the copy (before ``optimizer.step`` changes what it copies)."""
@@ -61,15 +71,12 @@ class UpdateGuard:
         with torch.no_grad():
             for p, saved in zip(self.params, params):
                 p.copy_(saved, non_blocking=False)
-        self.optimizer.load_state_dict(state)
+        # Fresh tensors: load_state_dict keeps CPU tensors as they are, and the buffers are refilled next step.
+        self.optimizer.load_state_dict({
+            "state": {i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                      for i, s in state["state"].items()},
+            "param_groups": state["param_groups"]})
 
     def release(self) -> None:
-        self.saved, self.stream = None, None
+        self.saved = None
 
-
-def _copy(tensor: torch.Tensor) -> torch.Tensor:
-    if tensor.is_cuda:
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-        out.copy_(tensor, non_blocking=True)
-        return out
-    return tensor.clone()

@@ -7,7 +7,10 @@ machine without the Hub (offline, firewalled) gets one clear line instead of a t
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable, TypeVar
+
+from safetensors import SafetensorError
 
 T = TypeVar("T")
 
@@ -62,4 +65,29 @@ def call_hub(what: str, name_or_path: str, load: Callable[[], T]) -> T:
 
 def from_pretrained(cls: Any, name_or_path: str, what: str = "model", **kwargs: Any) -> Any:
     """``cls.from_pretrained(name_or_path, **kwargs)`` with the one-line hub error."""
-    return call_hub(what, name_or_path, lambda: cls.from_pretrained(name_or_path, **kwargs))
+    try:
+        return call_hub(what, name_or_path, lambda: cls.from_pretrained(name_or_path, **kwargs))
+    except SafetensorError as err:
+        bad = _first_unreadable(Path(name_or_path)) if Path(name_or_path).is_dir() else None
+        where = f"{bad}" if bad else f"a weights file of '{name_or_path}'"
+        raise ValueError(f"{what}: {where} is not a readable safetensors file ({' '.join(str(err).split())}): "
+                         "damaged or truncated? copy or save it again") from None
+
+
+def _first_unreadable(folder: Path) -> Path | None:
+    """The first .safetensors file of ``folder`` whose header or tensors do not read."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+            size = path.stat().st_size
+            with open(path, "rb") as raw:
+                header = int.from_bytes(raw.read(8), "little")
+            if 8 + header > size:
+                return path
+        except (SafetensorError, OSError, ValueError):
+            return path
+    return None

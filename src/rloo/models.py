@@ -39,6 +39,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, revision:
     """The policy tokenizer, with a pad token (EOS when the model has none, as TRL does)."""
     kwargs = {"revision": revision} if revision not in (None, "main") else {}
     tokenizer = from_pretrained(AutoTokenizer, name_or_path, "tokenizer", trust_remote_code=trust_remote_code, **kwargs)
+    if len(tokenizer.get_vocab()) <= len(tokenizer.get_added_vocab()):  # no files: only special tokens, no error
+        raise ValueError(f"tokenizer: '{name_or_path}' holds no tokenizer (tokenizer.json / tokenizer_config.json "
+                         "with a vocabulary); save the policy's with tokenizer.save_pretrained(folder)")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ValueError(f"tokenizer of '{name_or_path}' has neither a pad nor an EOS token")

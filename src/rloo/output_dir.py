@@ -42,6 +42,9 @@ class FolderLock:
         finally:
             os.close(self.fd)
             self.fd = None
+        metrics = self.folder / "metrics.jsonl"
+        if metrics.is_file() and metrics.stat().st_size == 0:
+            metrics.unlink()  # a run that failed before its first step's line: nothing to keep, nothing to refuse
         if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
             self.folder.rmdir()  # a run that failed before writing anything leaves no empty folder behind
 

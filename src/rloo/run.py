@@ -178,8 +178,8 @@ def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, mo
                                 all_done=lockstep(accelerator, cfg.ds3_gather_for_generation),
                                 dtype=precision.compute or precision.weights)
     return Run(cfg, accelerator, policy, reference, tokenizer, generator, sources, train_dataset, eval_dataset,
-               sampler, optimizer, scheduler, output_dir, start_model, precision, aux_loss_coef, dropout, lock=lock, guard=guard,
-               prompt_limit=prompt_token_limit(unwrapped, cfg.max_prompt_length, cfg.max_completion_length))
+               sampler, optimizer, scheduler, output_dir, start_model, precision, aux_loss_coef, dropout, lock=lock,
+               guard=guard, prompt_limit=prompt_token_limit(unwrapped, cfg.max_prompt_length, cfg.max_completion_length))
 
 
 def reward_spec(reward) -> str:
@@ -215,13 +215,13 @@ def load_rewards(cfg: RLOOConfig, rewards, tokenizer, dtype: torch.dtype | None 
     policy's vocabulary, each prompt once per group when ``share_prompt_prefix`` (RewardModel)."""
     model_kwargs = {key: value for key, value in (cfg.model_init_kwargs or {}).items() if key not in MODEL_INIT_FIELDS}
     sources = build_rewards(rewards if rewards is not None else cfg.reward_funcs, cfg.reward_weights,
-                         cfg.reward_model_name_or_path, device="cpu",
-                         reward_model_kwargs={"append_eos": cfg.reward_model_append_eos, "policy_tokenizer": tokenizer,
-                                              "share_prompt": cfg.share_prompt_prefix, "torch_dtype": dtype,
-                                              "trust_remote_code": cfg.trust_remote_code,
-                                              "chat_template_kwargs": cfg.chat_template_kwargs,
-                                              "model_kwargs": model_kwargs},
-                         reward_processing_classes=reward_processing_classes)
+                            cfg.reward_model_name_or_path, device="cpu",
+                            reward_model_kwargs={"append_eos": cfg.reward_model_append_eos,
+                                                 "policy_tokenizer": tokenizer, "share_prompt": cfg.share_prompt_prefix,
+                                                 "torch_dtype": dtype, "trust_remote_code": cfg.trust_remote_code,
+                                                 "chat_template_kwargs": cfg.chat_template_kwargs,
+                                                 "model_kwargs": model_kwargs},
+                            reward_processing_classes=reward_processing_classes)
     sources.timeout = cfg.reward_timeout
     return sources
 

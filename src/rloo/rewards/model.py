@@ -80,9 +80,11 @@ class RewardModel:
                                       **(model_kwargs or {})}
             if torch_dtype is not None:
                 kwargs["dtype"] = torch_dtype
-            model = from_pretrained(
-                AutoModelForSequenceClassification, model_name_or_path, "reward model", **kwargs
+            model, info = from_pretrained(
+                AutoModelForSequenceClassification, model_name_or_path, "reward model", output_loading_info=True,
+                **kwargs
             )
+            refuse_untrained_head(model, info, model_name_or_path)
             tokenizer = model_name_or_path if tokenizer is None else tokenizer
         else:
             model = model_name_or_path
@@ -250,3 +252,16 @@ class RewardModel:
                 "sequence classifier (AutoModelForSequenceClassification of a decoder model)"
             )
         return head
+
+
+def refuse_untrained_head(model, info: dict, name: str) -> None:
+    """A reward model's score head must come from its checkpoint: a causal LM, or any checkpoint without the
+    head, would get a randomly initialised one (transformers only warns) and train the policy on noise."""
+    prefix = model.base_model_prefix + "."
+    head = {n for n, _ in model.named_parameters() if not n.startswith(prefix)}
+    missing = sorted(set(info.get("missing_keys") or ()) & head)
+    if missing:
+        kinds = ", ".join(model.config.architectures or []) or "unknown architecture"
+        raise ValueError(f"reward model '{name}' ({kinds}) has no trained score head: its checkpoint lacks "
+                         f"{', '.join(missing[:3])}, which would start random; give a sequence-classification reward "
+                         "model (trained with a reward head, e.g. by TRL's RewardTrainer)")

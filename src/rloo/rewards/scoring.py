@@ -62,15 +62,18 @@ def _await_all(calls: list, timeout: float | None = None) -> list:
     """Run coroutine functions concurrently: their results, or the exception each raised (``_Exited``,
     ``_TimedOut`` for the ways out that are not a reward's failure)."""
     async def guarded(call):
-        try:
-            async with asyncio.timeout(timeout) as limit:
+        async def shielded():  # caught inside the task: asyncio lets these two end the loop's thread
+            try:
                 return await call()
-        except TimeoutError as err:
-            return _TimedOut() if limit.expired() else err
-        except (KeyboardInterrupt, SystemExit) as err:
-            return _Exited(err)
-        except Exception as err:  # noqa: BLE001 - the caller finds out which samples fail
-            return err
+            except (KeyboardInterrupt, SystemExit) as err:
+                return _Exited(err)
+
+        task = asyncio.ensure_future(shielded())
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            return _TimedOut()
+        return task.exception() or task.result()
 
     async def gather():
         return await asyncio.gather(*(guarded(call) for call in calls))
