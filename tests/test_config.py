@@ -34,7 +34,7 @@ FIELD_NAMES = [
     "gradient_checkpointing",
     # run
     "output_dir", "overwrite_output_dir", "logging_steps", "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
-    "resume_ignore_mismatch", "reward_errors", "reward_timeout", "max_nonfinite_steps", "report_to", "eval_strategy", "push_to_hub",
+    "resume_ignore_mismatch", "reward_errors", "reward_timeout", "undo_nonfinite_updates", "max_nonfinite_steps", "report_to", "eval_strategy", "push_to_hub",
     "preset",
 ]
 

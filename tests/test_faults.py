@@ -260,3 +260,24 @@ def test_the_update_guard_puts_back_weights_and_adam_moments_exactly(fused):
         assert all(after[i][k].equal(v) for i, s in before[1].items() for k, v in s.items())
         optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["weight_decay"] = 1e-2, 0.0
         assert step()  # training goes on from the restored state
+
+
+def test_without_the_copy_non_finite_weights_stop_the_run_unsaved(tiny_model_dir, tmp_path):
+    from rloo.errors import NonFiniteWeightsError
+
+    run = tmp_path / "run"
+    cfg = cfg_for(tiny_model_dir, run, save_steps=1, learning_rate=3e38, weight_decay=1.0, beta=0.0,
+                  undo_nonfinite_updates=False)
+    with pytest.raises(NonFiniteWeightsError) as info:
+        train(cfg)
+    assert str(info.value).startswith("step 1: the update left non-finite weights, which cannot be undone here")
+    assert str(info.value).endswith("nothing saved, no checkpoint was written")
+    assert committed_checkpoints(run) == []  # the broken weights were never written
+
+
+def test_outside_training_a_keyboard_interrupt_is_the_users():
+    def interrupted(completions, **kwargs):
+        raise KeyboardInterrupt  # what Ctrl-C does in `rloo eval` or a notebook cell
+
+    with pytest.raises(KeyboardInterrupt):
+        score_completions(build_rewards([interrupted]), ["p"], ["a"], {})

@@ -468,7 +468,7 @@ def test_a_pickle_in_a_checkpoint_raises_and_never_runs(tiny_model_dir, tmp_path
     monkeypatch.setenv("RLOO_PAYLOAD_DIR", str(target))
     latest = committed_checkpoints(run)[-1]
     (latest / "model.safetensors").write_bytes(pickle.dumps(Payload()))
-    with pytest.raises(CheckpointError, match="model.safetensors has .* bytes.*damaged"):
+    with pytest.raises(CheckpointError, match="damaged: model.safetensors has .* bytes"):
         train(cfg_for(tiny_model_dir, run, resume_from_checkpoint="latest"))
     marker = json.loads((latest / COMMIT_MARKER).read_text())  # a forger would fix the sizes too
     marker["files"]["model.safetensors"] = (latest / "model.safetensors").stat().st_size

@@ -166,6 +166,30 @@ def test_a_final_write_killed_or_failing_at_any_point_leaves_one_whole_set(tmp_p
     assert points == len(NEW) + 3  # every point was tried: the rename, each file, the listing, then the run through
     assert _model_files(out) == NEW and json.loads((out / INSTALLED).read_text())["files"] == sorted(NEW)
 
+    # Killed while removing the earlier set's files the new one lacks (only-old.txt), then finished.
+    out = tmp_path / "kill-unlink"
+    shutil.copytree(base, out)
+    real_unlink = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name == "only-old.txt":
+            raise Killed
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(Killed):
+        write_final(out, _writer(NEW))
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    recover(out)
+    assert _model_files(out) == NEW
+
+    # Killed after the listing moved, before the empty ready folder went: recover only removes it.
+    out = tmp_path / "kill-last"
+    shutil.copytree(base, out)
+    (out / READY).mkdir()
+    recover(out)
+    assert _model_files(out) == OLD and not (out / READY).exists()
+
     # A write that fails (a full disk) leaves the old set, no temporary folder, and names the checkpoint.
     def full_disk(folder: Path) -> None:
         (folder / "config.json").write_bytes(b"{half")

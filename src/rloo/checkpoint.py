@@ -226,23 +226,24 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
                               "tensors with safetensors only and never unpickles") from None
 
 
-def verify(path: Path) -> None:
-    """Every file COMMITTED names has its committed size and sha256 (sizes first: cheap); else one line,
-    ``damaged: FILE``. (Checkpoints from before hashes carry sizes only.)"""
+def verify(path: Path, only: tuple[str, ...] | None = None, hashes: bool = True) -> None:
+    """Every file COMMITTED names (or those in ``only``) has its committed size, then (``hashes``) its
+    sha256; else one line, ``damaged: FILE``. (Checkpoints from before hashes carry sizes only.)"""
     try:
         files = json.loads((path / COMMIT_MARKER).read_text(encoding="utf-8"))["files"]
         if not isinstance(files, dict):
             raise TypeError("'files' is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: {COMMIT_MARKER} unreadable ({err})") from None
-    expected = {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in files.items()}
+    expected = {name: entry if isinstance(entry, dict) else {"size": entry} for name, entry in files.items()
+                if only is None or name in only}
     for name, entry in expected.items():
         actual = (path / name).stat().st_size if (path / name).is_file() else None
         if actual != entry.get("size"):
             raise CheckpointError(f"checkpoint {path}: damaged: {name} has {actual} bytes, {entry.get('size')} when "
                                   "committed")
     for name, entry in expected.items():
-        if "sha256" in entry and _sha256(path / name) != entry["sha256"]:
+        if hashes and "sha256" in entry and _sha256(path / name) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path}: damaged: {name} (its sha256 differs from the one committed)")
 
 
@@ -278,10 +279,10 @@ def check_state(meta: Any, path: Path) -> None:
                 raise bad(f"'ranks[{rank}].{key}'", f"is {type(part[key]).__name__}")
 
 
-def read_checkpoint(path: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+def read_checkpoint(path: Path, hashes: bool = True) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """-> (state.json, {"optimizer", "rng", "rollout-rank<r>"...: tensors}) after ``verify``; weights are
     loaded by ``load_weights``."""
-    verify(path)
+    verify(path, hashes=hashes)
     try:
         meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -365,7 +366,7 @@ def _jsonable(value: Any) -> Any:
 
 def read_config(path: Path) -> dict:
     """The resolved config a checkpoint was written with (flat field names)."""
-    verify(path)
+    verify(path, only=("state.json",))
     try:
         return json.loads((path / "state.json").read_text(encoding="utf-8"))["config"]
     except (OSError, json.JSONDecodeError, KeyError) as err:

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # a second Ctrl-C in training (StopNow), or one before training started
         if os.environ.get("RLOO_DEBUG"):
             raise
-        print(f"rloo {args.command}: {err or 'interrupted (Ctrl-C)'}", file=sys.stderr)
+        print(f"rloo {args.command}: {str(err) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, RlooError) as err:
         if os.environ.get("RLOO_DEBUG"):

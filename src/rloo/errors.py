@@ -29,6 +29,11 @@ class StopNow(KeyboardInterrupt):
     """A second Ctrl-C: stop at once, without finishing the step (no checkpoint of it)."""
 
 
+class NonFiniteWeightsError(NonFiniteTrainingError):
+    """An update left non-finite weights that could not be undone (FSDP / DeepSpeed, or
+    undo_nonfinite_updates false): the run stops without saving them."""
+
+
 class TrainingInterrupted(RlooError):
     """SIGINT or SIGTERM arrived: the step in progress finished and a checkpoint was written."""
 

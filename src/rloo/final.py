@@ -66,11 +66,26 @@ def install(out: Path) -> None:
         if source.exists():  # not yet moved by an earlier, interrupted install
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(source, target)
-    for name in sorted(set(_listed(out / INSTALLED)) - set(new)):  # the earlier set's files the new one lacks
+    for name in sorted(set(_earlier_set(out)) - set(new)):  # the earlier set's files the new one lacks
         (out / name).unlink(missing_ok=True)
     os.replace(ready / LISTING, out / INSTALLED)  # the new set is the installed one
     shutil.rmtree(ready, ignore_errors=True)
     _fsync(out)
+
+
+# A run folder written before the listing existed: its model files are these (save_pretrained's,
+# the tokenizer's, rloo's own).
+_RUN_FOLDER_FILES = ("model*.safetensors", "model.safetensors.index.json", "config.json", "generation_config.json",
+                     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt",
+                     "chat_template.*", "config.yaml", "eval.json", "README.md")
+
+
+def _earlier_set(out: Path) -> list[str]:
+    if (out / INSTALLED).is_file():
+        return _listed(out / INSTALLED)
+    if not (out / "config.yaml").is_file():  # not an rloo run folder's final set: leave every file alone
+        return []
+    return sorted({p.name for pattern in _RUN_FOLDER_FILES for p in out.glob(pattern) if p.is_file()})
 
 
 def _listed(path: Path) -> list[str]:

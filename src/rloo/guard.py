@@ -8,8 +8,10 @@ non-finite gradient is (weights and Adam moments untouched, the schedule advance
 ``num_nonfinite_steps``). The copy goes to CPU memory (pinned, from a side stream on a GPU, so it runs
 while the micro-batches' forward and backward passes do); the check is one fused max-abs reduction.
 
-FSDP and DeepSpeed hold sharded parameters and optimizer state that rloo does not copy: there the
-check runs and a non-finite result stops the run (``undoable`` False).
+FSDP and DeepSpeed hold sharded parameters and optimizer state that rloo does not copy, and
+``undo_nonfinite_updates false`` saves the copy's memory (three times the float32 weights, per
+process): then the check runs and a non-finite result stops the run without saving those weights
+(``undoable`` False; the newest checkpoint is the last good state).
 """
 
 from __future__ import annotations
@@ -60,10 +62,15 @@ class UpdateGuard:
             self.stream.synchronize()
 
     def finite(self) -> bool:
-        if not self.params:
+        """This process's parameters, or its shards of them: FSDP2's local tensors, ZeRO-3's partitions
+        (``ds_tensor``; the parameters themselves are empty between forwards)."""
+        local = [getattr(p, "ds_tensor", None) if getattr(p, "ds_tensor", None) is not None else p
+                 for p in self.params]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in local]
+        local = [t.detach() for t in local if t.numel() > 0]  # an empty shard has nothing to check (and no max)
+        if not local:
             return True
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]  # FSDP2: this process's shard
-        norms = torch._foreach_norm([p.detach() for p in local], math.inf)
+        norms = torch._foreach_norm(local, math.inf)
         return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all().item())
 
     def undo(self) -> None:

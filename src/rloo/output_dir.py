@@ -26,6 +26,22 @@ from rloo.final import READY, recover
 logger = logging.getLogger(__name__)
 
 LOCK = ".rloo.lock"
+_held: set[int] = set()  # lock descriptors of this process: a forked child closes its copies
+
+
+def _close_in_child() -> None:
+    """A forked child (a reward function's multiprocessing pool, a DataLoader worker) shares the lock's open
+    file: were the parent killed, the child would keep the folder locked. Its copy is closed at once
+    (closing one copy does not release a lock the parent still holds)."""
+    for fd in list(_held):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
 
 
 class FolderLock:
@@ -35,18 +51,22 @@ class FolderLock:
         self.folder, self.fd, self.stale, self.created = folder, fd, stale, created
 
     def release(self) -> None:
+        """Tidy up while still holding the lock (nobody else can be in the folder), then unlock."""
         if self.fd is None:
             return
+        _held.discard(self.fd)
         try:
-            (self.folder / LOCK).unlink(missing_ok=True)  # while still held: nobody locks a file about to vanish
+            metrics = self.folder / "metrics.jsonl"
+            if metrics.is_file() and metrics.stat().st_size == 0:
+                metrics.unlink()  # a run that failed before its first step's line: nothing to keep or to refuse
+            (self.folder / LOCK).unlink(missing_ok=True)  # while held: nobody locks a file about to vanish
+            if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
+                self.folder.rmdir()  # a run that failed before writing anything leaves no empty folder
+        except OSError:
+            pass  # tidying only: the lock itself ends below whatever happens
         finally:
             os.close(self.fd)
             self.fd = None
-        metrics = self.folder / "metrics.jsonl"
-        if metrics.is_file() and metrics.stat().st_size == 0:
-            metrics.unlink()  # a run that failed before its first step's line: nothing to keep, nothing to refuse
-        if self.created and self.folder.is_dir() and not any(self.folder.iterdir()):
-            self.folder.rmdir()  # a run that failed before writing anything leaves no empty folder behind
 
 
 def describe(holder: dict | None) -> str:
@@ -95,6 +115,7 @@ def lock_folder(folder: Path, created: bool = False) -> FolderLock:
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps(me).encode("utf-8"))
     os.fsync(fd)
+    _held.add(fd)
     return FolderLock(folder, fd, stale, created)
 
 

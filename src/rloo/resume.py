@@ -121,7 +121,19 @@ def resume(run: Run) -> TrainState:
     """Load a checkpoint into the run: weights, reference, optimizer, scheduler, data position, RNG."""
     cfg = run.cfg
     path = resolve_resume_path(cfg.resume_from_checkpoint, run.output_dir)
-    meta, tensors = read_checkpoint(path)
+    failure = None
+    try:  # sizes on every process, sha256 on the main one (the files are the same for all)
+        meta, tensors = read_checkpoint(path, hashes=run.accelerator.is_main_process)
+        if run.reference is not None and (path.parent / REFERENCE / COMMIT_MARKER).is_file():
+            verify(path.parent / REFERENCE, hashes=run.accelerator.is_main_process)
+    except CheckpointError as err:
+        failure = err
+    if run.accelerator.num_processes > 1:  # one process's refusal stops them all
+        flag = torch.tensor([failure is not None], dtype=torch.int32, device=run.accelerator.device)
+        if run.accelerator.reduce(flag, "max").item() and failure is None:
+            failure = CheckpointError(f"cannot resume from {path}: process 0 found it damaged (its message is there)")
+    if failure is not None:
+        raise failure
     now = fingerprint(run)
     saved = meta.get("fingerprint", {})
     # Checkpoints from before these keys: one generation per step, the weights in torch_dtype, no autocast.
@@ -141,7 +153,6 @@ def resume(run: Run) -> TrainState:
         reference = path.parent / REFERENCE
         if not (reference / COMMIT_MARKER).is_file():
             raise CheckpointError(f"cannot resume from {path}: beta > 0 but {reference} holds no committed reference")
-        verify(reference)
         load_weights(run.reference, reference)
     run.optimizer.load_state_dict(optimizer_state(meta["optimizer"], tensors["optimizer"]))
     run.scheduler.load_state_dict(meta["scheduler"])

@@ -5,21 +5,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
 from rloo.checkpoint import resolve_resume_path
 from rloo.config import RLOOConfig
 from rloo.data import PromptSampler, load_prompt_dataset
 from rloo.distributed import checkpointable, lockstep, prepare_frozen, setup_strategy, strategy
-from rloo.errors import CheckpointError, RunFolderError
+from rloo.errors import RunFolderError
 from rloo.generation import Generator, build_generator
 from rloo.guard import UpdateGuard
 from rloo.output_dir import FolderLock, claim
@@ -101,7 +101,11 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     # group, PartialState, stays).
     AcceleratorState._reset_state()
     # cpu=True without CUDA: then torchrun / `accelerate launch --multi_gpu` processes form a gloo group.
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision_mode(cfg, cuda))
+    # The process group waits for a slow peer at least as long as a reward call may take (torch's NCCL
+    # default, 10 min, would abort the others with a traceback before reward_timeout stops the slow one).
+    wait = timedelta(seconds=max(1800.0, (cfg.reward_timeout or 0.0) + 300.0))
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision_mode(cfg, cuda),
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=wait)])
     setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
     output_dir, lock = claim_output_dir(cfg, accelerator)  # before anything is loaded or written
     try:
@@ -116,7 +120,7 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
 def claim_output_dir(cfg: RLOOConfig, accelerator: Accelerator) -> tuple[Path, FolderLock | None]:
     """The run folder, named and locked by the main process (output_dir.claim); every process learns its
     name, or the main process's refusal."""
-    output_dir, lock, error = None, None, None
+    output_dir, lock, failure = None, None, None
     if accelerator.is_main_process:
         output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
         try:
@@ -124,18 +128,32 @@ def claim_output_dir(cfg: RLOOConfig, accelerator: Accelerator) -> tuple[Path, F
             if cfg.resume_from_checkpoint:
                 checkpoint = resolve_resume_path(cfg.resume_from_checkpoint, output_dir)
                 continuing = checkpoint.resolve().parent.parent == output_dir.resolve()
+            if cfg.overwrite_output_dir and not continuing:
+                refuse_inputs_inside(cfg, output_dir)
             lock = claim(output_dir, fresh=not continuing, overwrite=cfg.overwrite_output_dir)
-        except (RunFolderError, CheckpointError) as err:
-            error = (type(err).__name__, str(err))
-    if accelerator.num_processes > 1:
-        shared = [str(output_dir) if output_dir is not None else None, error]
+        except Exception as err:  # noqa: BLE001 - raised below, after every process has heard of it
+            failure = err
+    if accelerator.num_processes > 1:  # the others wait here for the name, or for the refusal
+        shared = [str(output_dir) if output_dir is not None else None,
+                  None if failure is None else " ".join(str(failure).split())]
         torch.distributed.broadcast_object_list(shared, src=0)
-        output_dir, error = Path(shared[0]), shared[1]
-    if error is not None:
-        kind = CheckpointError if error[0] == "CheckpointError" else RunFolderError
-        raise kind(error[1] if accelerator.is_main_process else f"process 0: {error[1]}")
+        output_dir = Path(shared[0])
+        if shared[1] is not None and failure is None:
+            failure = RunFolderError(f"process 0: {shared[1]}")
+    if failure is not None:
+        raise failure
     cfg.output_dir = str(output_dir)
     return output_dir, lock
+
+
+def refuse_inputs_inside(cfg: RLOOConfig, output_dir: Path) -> None:
+    """overwrite_output_dir moves the folder aside before anything loads: not with the run's own inputs in it."""
+    folder = output_dir.resolve()
+    for name in ("model_name_or_path", "dataset_name", "reward_model_name_or_path"):
+        value = getattr(cfg, name)
+        if value and Path(value).exists() and folder in (Path(value).resolve(), *Path(value).resolve().parents):
+            raise RunFolderError(f"overwrite_output_dir: {name} '{value}' lies inside output_dir '{output_dir}', which "
+                                 "would be moved aside; copy it out first")
 
 
 def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, model, tokenizer, rewards,
@@ -160,7 +178,7 @@ def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, mo
     scheduler = build_scheduler(cfg, optimizer, sizes.max_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.train()
-    guard = UpdateGuard(policy, optimizer, undoable=checkpointable(accelerator))
+    guard = UpdateGuard(policy, optimizer, undoable=checkpointable(accelerator) and cfg.undo_nonfinite_updates)
     if reference is not None:  # sharded like the policy under FSDP / ZeRO-3, else a whole copy on the device
         reference = prepare_frozen(accelerator, reference)
     for fn in sources.fns:

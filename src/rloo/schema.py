@@ -230,6 +230,12 @@ class RunArgs:
         1800.0, "Seconds one reward call (a function on a batch, or a reward model) may take; one that overruns stops "
         "the run as one that raises (a checkpoint of the state before the step, one line naming it). None: no limit.",
     )
+    undo_nonfinite_updates: bool = arg(
+        True, "Keep a copy of the weights and optimizer state from before each update (pinned CPU memory: three times "
+        "the float32 weights, per process; copied while the step computes), so that an update leaving a non-finite "
+        "weight is undone and skipped. False: such an update stops the run (the newest checkpoint is the last good "
+        "state). FSDP / DeepSpeed runs keep no copy.",
+    )
     max_nonfinite_steps: int = arg(
         3, "Consecutive steps with a non-finite loss or gradient (each skipped) after which the run stops."
     )

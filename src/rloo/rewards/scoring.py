@@ -12,6 +12,7 @@ import inspect
 import logging
 import math
 import numbers
+import signal
 import threading
 from typing import Any
 
@@ -100,7 +101,11 @@ def call_reward(name: str, fn, kwargs: dict, timeout: float | None, num_samples:
         result = _TimedOut()
     except StopNow:
         raise
-    except (KeyboardInterrupt, SystemExit) as err:
+    except KeyboardInterrupt as err:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            raise  # no trainer owns Ctrl-C here (rloo eval, a notebook): the user's own interrupt
+        result = _Exited(err)  # the trainer's handler never raises a plain one: the function did
+    except SystemExit as err:
         result = _Exited(err)
     except Exception as err:  # noqa: BLE001 - found out sample by sample by the caller
         return err
