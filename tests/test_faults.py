@@ -281,3 +281,22 @@ def test_outside_training_a_keyboard_interrupt_is_the_users():
 
     with pytest.raises(KeyboardInterrupt):
         score_completions(build_rewards([interrupted]), ["p"], ["a"], {})
+
+
+def test_state_json_is_strict_json_and_keeps_non_finite_values(tiny_model_dir, tmp_path):
+    def nothing(prompts, completions, **kwargs):
+        return [None] * len(completions)
+
+    run = tmp_path / "run"
+    train(cfg_for(tiny_model_dir, run, max_steps=1, save_steps=1, num_eval_samples=2, reward_weights=None),
+          rewards=[nothing])
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    state = json.loads((committed_checkpoints(run)[-1] / "state.json").read_text(), parse_constant=refuse)
+    assert state["eval_before"]["reward_mean"] == {"$float": "nan"}
+    from rloo.checkpoint import read_checkpoint
+
+    meta, _ = read_checkpoint(committed_checkpoints(run)[-1])
+    assert math.isnan(meta["eval_before"]["reward_mean"])

@@ -5,10 +5,11 @@ process would patch transformers' GPTNeoX classes for the tests after it.
 - tests/vllm_worker.py: a colocated engine against the transformers backend and the training model's
   log-probs: greedy completions equal, temperature / top-k / top-p / max tokens / seeds meaning the
   same, and after a weight push the completions and log-probs of the new weights (not the old ones);
-- a short tldr-tiny run with --use_vllm true, colocated and against `rloo vllm-serve`, learns by the
-  default preset's criterion (held-out gain >= 3 paired s.e. on 200 prompts);
-- the server: started and stopped as a subprocess on loopback; unreachable at start, or gone in the
-  middle of a run, it gives one line and the state before the step is saved; a resume continues;
+- a short tldr-tiny run with --use_vllm true (colocated) learns by the default preset's criterion
+  (held-out gain >= 3 paired s.e. on 200 prompts);
+- the server: unreachable at start, one line; a run against it follows the policy (vLLM's log-probs =
+  the trainer's after every push); gone in the middle of a run, one line and the state before the step
+  saved; restarted, a resume continues;
 - the server with a key (one start for these): refuses what it must (no key, a wrong one, bodies over
   their cap, bad JSON, bad values, garbage or mismatched weights) with a 4xx and one log line, and
   keeps serving its weights; concurrent generations and a push each run on one weight version; two
@@ -42,7 +43,6 @@ from rloo.errors import GenerationServerError  # noqa: E402
 from rloo.generation.vllm import Sampling  # noqa: E402  (imports no vllm)
 from rloo.generation.vllm_client import VLLMClient, wait_for_server  # noqa: E402
 from rloo.generation.vllm_limits import state_dict_bytes  # noqa: E402
-from rloo.models import resolve_model_path  # noqa: E402
 from rloo.tiny import build_model  # noqa: E402
 
 from conftest import TINY_RECIPE  # noqa: E402
@@ -115,55 +115,6 @@ def test_tldr_tiny_learns_with_vllm_colocated(tmp_path):
     done = rloo("train", *SHORT_RUN, "--vllm_mode", "colocate", "--output_dir", str(run))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_learned(run)
-
-
-def test_vllm_server_runs_learns_stops_and_loses_no_state(tmp_path):
-    policy = resolve_model_path("rloo:tldr-tiny-sft")  # built here if missing, not inside the server's start-up
-    port = free_port()
-    server = Server(policy, port, tmp_path / "server.log")
-    try:
-        client = VLLMClient("127.0.0.1", port, timeout=240)  # knows this server instance
-        run = tmp_path / "run"
-        done = rloo("train", *SHORT_RUN, "--vllm_mode", "server", "--vllm_server_port", str(port),
-                    "--output_dir", str(run))
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert_learned(run)
-
-        # The server goes away in the middle of a run: one line, and the state before the failing step saved.
-        part = tmp_path / "part"
-        args = ["train", "--seed", "0", "--max_steps", "30", "--disable_tqdm", "--use_vllm", "true", "--vllm_mode",
-                "server", "--vllm_server_port", str(port), "--num_eval_samples", "0", "--save_steps", "1",
-                "--vllm_server_timeout", "1", "--output_dir", str(part)]
-        trainer = subprocess.Popen([sys.executable, "-m", "rloo", *args], env=ENV, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 300
-        while len(committed_checkpoints(part)) < 2 and time.monotonic() < deadline and trainer.poll() is None:
-            time.sleep(0.2)
-        assert server.stop() == 0  # SIGTERM: the server and its engine processes end cleanly
-        stderr = trainer.communicate(timeout=300)[1]
-        assert trainer.returncode == 1, stderr[-3000:]
-        error = stderr.strip().splitlines()[-1]
-        assert error.startswith("rloo train: error: step ") and "vLLM server http://127.0.0.1" in error, error
-        saved = committed_checkpoints(part)[-1]
-        assert str(saved) in error
-    finally:
-        if server.process.poll() is None:
-            server.stop()
-
-    # Restarted, the server takes the checkpoint's weights and the run continues to its end; a client of
-    # the old instance is told (the new one holds its start weights, not the ones pushed to the old).
-    server = Server(policy, port, tmp_path / "server.log")
-    try:
-        wait_for_server(client.url, 240)
-        with pytest.raises(GenerationServerError, match="restarted during the run"):
-            client.sample([[5, 6, 7]], 2, [1], Sampling(4, [0]))
-        done = rloo("train", "--resume_from_checkpoint", "latest", "--output_dir", str(part),
-                    "--vllm_server_timeout", "240")
-        assert done.returncode == 0, done.stderr[-3000:]
-        steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
-        assert steps == list(range(1, 31))
-    finally:
-        server.stop()
 
 
 def test_unreachable_vllm_server_is_one_line(tmp_path):
@@ -307,6 +258,61 @@ def test_two_training_processes_share_one_server_like_one_process(secured_server
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
+
+
+def test_vllm_server_follows_the_policy_stops_and_loses_no_state(secured_server, vllm_model_dir, tmp_path):
+    """Server mode trains on what the policy would sample: after every step's push, vLLM's log-probs of
+    its samples equal the trainer's (a missed or wrong push would show at once); that the same engine's
+    samples make the policy learn is test_tldr_tiny_learns_with_vllm_colocated's. Then the server goes
+    away mid-run, and a restarted one continues it. The last user of ``secured_server``: it stops that
+    server (one vLLM start fewer for the suite) and starts its successor on the same port."""
+    env = {**ENV, "RLOO_VLLM_API_KEY": KEY}  # what the trainers send
+    port = secured_server.port
+    base = ["train", "--model_name_or_path", str(vllm_model_dir), "--dataset_name", "rloo:tldr", "--reward_funcs",
+            "grounding", "summary_length", "--num_generations", "2", "--max_completion_length", "8",
+            "--max_prompt_length", "64", "--per_device_train_batch_size", "4", "--learning_rate", "1e-2",
+            "--seed", "0", "--disable_tqdm", "--num_eval_samples", "0", "--use_vllm", "true", "--vllm_mode",
+            "server", "--vllm_server_port", str(port)]
+    client = VLLMClient("127.0.0.1", port, timeout=240, api_key=KEY)  # knows this server instance
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "rloo", *base, "--max_steps", "12", "--output_dir", str(run)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 12 and max(s["sampling_logprob_gap"] for s in steps) < 1e-3, steps
+    assert steps[-1]["kl"] > 0  # the policy moved away from the reference: the pushes carried changed weights
+
+    # The server goes away in the middle of a run: one line, and the state before the failing step saved.
+    part = tmp_path / "part"
+    trainer = subprocess.Popen([sys.executable, "-m", "rloo", *base, "--max_steps", "12", "--save_steps", "1",
+                                "--vllm_server_timeout", "1", "--output_dir", str(part)],
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(committed_checkpoints(part)) < 2 and time.monotonic() < deadline and trainer.poll() is None:
+        time.sleep(0.2)
+    assert secured_server.stop() == 0  # SIGTERM: the server and its engine processes end cleanly
+    stderr = trainer.communicate(timeout=300)[1]
+    assert trainer.returncode == 1, stderr[-3000:]
+    error = stderr.strip().splitlines()[-1]
+    assert error.startswith("rloo train: error: step ") and "vLLM server http://127.0.0.1" in error, error
+    saved = committed_checkpoints(part)[-1]
+    assert str(saved) in error
+
+    # Restarted, the server takes the checkpoint's weights and the run continues to its end; a client of
+    # the old instance is told (the new one holds its start weights, not the ones pushed to the old).
+    server = Server(str(vllm_model_dir), port, tmp_path / "server.log", "--api_key", KEY)
+    try:
+        wait_for_server(client.url, 240, api_key=KEY)
+        with pytest.raises(GenerationServerError, match="restarted during the run"):
+            client.sample([[5, 6, 7]], 2, [1], Sampling(4, [0]))
+        done = subprocess.run([sys.executable, "-m", "rloo", "train", "--resume_from_checkpoint", "latest",
+                               "--output_dir", str(part), "--vllm_server_timeout", "240"],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        steps = [json.loads(line)["step"] for line in (part / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 13))
+    finally:
+        assert server.stop() == 0
 
 
 def test_vllm_serve_refuses_to_start_in_one_line(vllm_model_dir, tmp_path, monkeypatch, capsys):

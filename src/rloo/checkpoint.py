@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import re
@@ -114,8 +115,28 @@ def resolve_resume_path(spec: str, output_dir: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- write
 
+def _tagged(value: Any) -> Any:
+    """Strict JSON that keeps non-finite floats (an unscorable "before" reward, a NaN in a dataset column):
+    each becomes {"$float": "nan" | "inf" | "-inf"}, read back by ``_untag``."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"$float": repr(value)}
+    if isinstance(value, dict):
+        return {k: _tagged(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tagged(v) for v in value]
+    return value
+
+
+def _untag(obj: dict) -> Any:
+    return float(obj["$float"]) if len(obj) == 1 and "$float" in obj else obj
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"), object_hook=_untag)  # older files' bare NaN also reads
+
+
 def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value), encoding="utf-8")  # NaN allowed: an unscorable "before" reward, say
+    path.write_text(json.dumps(_tagged(value), allow_nan=False), encoding="utf-8")
 
 
 def _sha256(path: Path) -> str:
@@ -230,7 +251,7 @@ def verify(path: Path, only: tuple[str, ...] | None = None, hashes: bool = True)
     """Every file COMMITTED names (or those in ``only``) has its committed size, then (``hashes``) its
     sha256; else one line, ``damaged: FILE``. (Checkpoints from before hashes carry sizes only.)"""
     try:
-        files = json.loads((path / COMMIT_MARKER).read_text(encoding="utf-8"))["files"]
+        files = _read_json(path / COMMIT_MARKER)["files"]
         if not isinstance(files, dict):
             raise TypeError("'files' is not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -284,7 +305,7 @@ def read_checkpoint(path: Path, hashes: bool = True) -> tuple[dict, dict[str, di
     loaded by ``load_weights``."""
     verify(path, hashes=hashes)
     try:
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        meta = _read_json(path / "state.json")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: state.json unreadable ({err})") from None
     check_state(meta, path)
@@ -368,6 +389,6 @@ def read_config(path: Path) -> dict:
     """The resolved config a checkpoint was written with (flat field names)."""
     verify(path, only=("state.json",))
     try:
-        return json.loads((path / "state.json").read_text(encoding="utf-8"))["config"]
+        return _read_json(path / "state.json")["config"]
     except (OSError, json.JSONDecodeError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path}: no readable config in state.json ({err})") from None
