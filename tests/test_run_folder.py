@@ -224,3 +224,38 @@ def test_a_full_disk_during_the_final_write_loses_no_trained_weight(tiny_model_d
     assert_same_tensors(load_file(whole / "model.safetensors"), load_file(run / "model.safetensors"))
     assert torch.equal(load_file(run / "model.safetensors")["embed_out.weight"],
                        load_file(whole / "model.safetensors")["embed_out.weight"])
+
+
+FORKS_AND_DIES = textwrap.dedent("""
+    import os, sys, time
+    from pathlib import Path
+    from rloo.output_dir import lock_folder
+    lock = lock_folder(Path(sys.argv[1]))
+    child = os.fork()  # a reward function's multiprocessing pool, say
+    if child == 0:
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 1), os.dup2(quiet, 2)  # the parent's output pipes end with the parent
+        time.sleep(300)
+        os._exit(0)
+    print(child, flush=True)
+    os._exit(0)  # the run dies without releasing its lock; its child lives on
+""")
+
+
+def test_a_forked_child_does_not_keep_a_dead_runs_folder_locked(tmp_path, caplog):
+    from rloo.output_dir import lock_folder
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    done = subprocess.run([sys.executable, "-c", FORKS_AND_DIES, str(folder)], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child = int(done.stdout.split()[0])
+    try:
+        os.kill(child, 0)  # still alive
+        with caplog.at_level(logging.WARNING, logger="rloo.output_dir"):
+            lock = lock_folder(folder)  # not "in use": the child closed its copy of the lock at fork
+        assert "did not end cleanly" in caplog.text
+        lock.release()
+    finally:
+        os.kill(child, 9)
