@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from rloo.config import ALIASES, SECTIONS, load_config, preset_names, unknown_key_message
-from rloo.errors import RlooError, TrainingInterrupted
+from rloo.errors import RlooError, TrainingInterrupted, one_line
 
 logger = logging.getLogger("rloo")
 
@@ -256,10 +256,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rloo {args.command}: error: {type(err).__name__}: {one_line(err)} (unexpected: RLOO_DEBUG=1 shows "
               "where; please report it)", file=sys.stderr)
         return 1
-
-
-def one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

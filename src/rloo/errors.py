@@ -5,6 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def one_line(err: BaseException, with_type: bool = False) -> str:
+    """An exception's message on one line (whitespace folded), its class name when it has none;
+    ``with_type``: always prefixed by the class name."""
+    text = " ".join(str(err).split())
+    if with_type:
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text or type(err).__name__
+
+
 class RlooError(RuntimeError):
     """Base of rloo's own runtime errors (config and data errors are ValueError / TypeError)."""
 

@@ -25,7 +25,7 @@ from dataclasses import asdict
 import httpx
 import torch
 
-from rloo.errors import GenerationServerError
+from rloo.errors import GenerationServerError, one_line
 from rloo.generation.vllm_limits import API_KEY_ENV, check_api_key, state_dict_bytes
 
 CONNECT_TIMEOUT = 10.0  # seconds to open a connection; answers may take long (request_timeout)
@@ -42,11 +42,6 @@ def http_client(api_key: str | None, read_timeout: float) -> httpx.Client:
     key = check_api_key(api_key if api_key is not None else os.environ.get(API_KEY_ENV), API_KEY_ENV)
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(headers=headers, timeout=httpx.Timeout(read_timeout, connect=CONNECT_TIMEOUT), trust_env=False)
-
-
-def one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 class VLLMClient:
@@ -139,7 +134,7 @@ class VLLMClient:
             response = self.http.post(self.url + route, **request)
             answer = response.json()
         except TRANSPORT_ERRORS as err:
-            raise GenerationServerError(f"vLLM server {self.url} unreachable during {route} ({one_line(err)}); "
+            raise GenerationServerError(f"vLLM server {self.url} unreachable during {route} ({one_line(err, with_type=True)}); "
                                         "restart `rloo vllm-serve` and resume from the checkpoint") from None
         except ValueError:  # the body is not JSON (UnicodeDecodeError included)
             raise GenerationServerError(f"vLLM server {self.url}{route} answered {response.status_code} with a body "
@@ -180,7 +175,7 @@ def wait_for_server(url: str, timeout: float, api_key: str | None = None, http: 
                     return health
                 last_error = f"answered {response.status_code}, not as `rloo vllm-serve` does"
             except (*TRANSPORT_ERRORS, ValueError) as err:
-                last_error = one_line(err)
+                last_error = one_line(err, with_type=True)
             if time.monotonic() > deadline:
                 raise GenerationServerError(f"vLLM server {url} unreachable for {timeout:.0f} s ({last_error}); start "
                                             "it with `rloo vllm-serve --model MODEL --host HOST --port PORT` "

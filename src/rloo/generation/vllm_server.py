@@ -47,9 +47,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from rloo.errors import RlooError
+from rloo.errors import RlooError, one_line
 from rloo.generation.vllm import Sampling, VLLMEngine, require_vllm, saved_dtype
-from rloo.generation.vllm_client import one_line, server_url
+from rloo.generation.vllm_client import server_url
 from rloo.generation.vllm_limits import (API_KEY_ENV, GenerationLimits, Refused, WeightLayout, authorized,
                                          check_api_key, is_loopback, sampling_field_names)
 
@@ -208,7 +208,7 @@ async def update_weights(state: ServerState, request: Request) -> dict:
                                     return_exceptions=True)
         failed = [part for part in done if isinstance(part, BaseException)]
         if failed:
-            state.broken = f"a weight push failed inside an engine ({one_line(failed[0])})"
+            state.broken = f"a weight push failed inside an engine ({one_line(failed[0], with_type=True)})"
             raise failed[0]
         state.weights_version += 1
     logger.info("weights version %d loaded: %d tensors, %.1f MB, %.2f s", state.weights_version, num_tensors,
@@ -237,8 +237,8 @@ def build_app(state: ServerState) -> FastAPI:
                 identity = state.identity() if err.status != 401 else {}
                 return JSONResponse({"error": err.message, **identity}, status_code=err.status)
             except Exception as err:  # the engine failed: the client gets the reason, the server stays up
-                logger.error("failed %s: %s", where, one_line(err))
-                return JSONResponse({"error": one_line(err), **state.identity()}, status_code=500)
+                logger.error("failed %s: %s", where, one_line(err, with_type=True))
+                return JSONResponse({"error": one_line(err, with_type=True), **state.identity()}, status_code=500)
         return endpoint
 
     async def health(state: ServerState, request: Request) -> dict:
@@ -274,7 +274,7 @@ def local_model_folder(model: str) -> Path:
                                                               "*.onnx", "*.ot", "original/*"]))
     except Exception as err:
         raise ValueError(f"--model {model}: not a local folder, and the hub does not give it "
-                         f"({one_line(err)[:200]})") from None
+                         f"({one_line(err, with_type=True)[:200]})") from None
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -318,7 +318,7 @@ def serve(model: str, host: str = "127.0.0.1", port: int = 8000, *, api_key: str
                                     gpu_memory_utilization=gpu_memory_utilization,
                                     tensor_parallel_size=tensor_parallel_size)
             except Exception as err:  # a bad --dtype / --max_model_len, or the engine process failed (vLLM's log)
-                raise RlooError(f"the vLLM engine did not start ({one_line(err)[:300]}); vLLM's log above says "
+                raise RlooError(f"the vLLM engine did not start ({one_line(err, with_type=True)[:300]}); vLLM's log above says "
                                 "more") from None
             engines.append(EngineThread(engine))
         first = engines[0].engine
