@@ -1,4 +1,4 @@
-"""``rloo train | eval | generate | vllm-serve``: options are config field names, as TRL users type them."""
+"""``rloo train | eval | generate | vllm-serve | report``: options are config field names, as TRL users type them."""
 
 from __future__ import annotations
 
@@ -187,6 +187,20 @@ def cmd_vllm_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from rloo.report import write_report
+
+    run_dir = Path(args.run_dir)
+    problem = ("not a folder" if not run_dir.is_dir() else
+               "no metrics.jsonl in it (not an rloo run folder)" if not (run_dir / "metrics.jsonl").is_file() else None)
+    if problem:  # exit 2, as for a bad command line: the folder named is not a run
+        print(f"rloo report: error: {run_dir}: {problem}", file=sys.stderr)
+        return 2
+    write_report(run_dir)
+    print(run_dir / "report.html")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rloo", description="Fine-tune causal LMs with RLOO (REINFORCE Leave-One-Out).")
     commands = parser.add_subparsers(dest="command")
@@ -224,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "model's own (its config.json), as the trainer holds it.")
     serve.add_argument("--max_model_len", type=int, default=None, help="Longest prompt + completion (default: the model's).")
     serve.add_argument("--seed", type=int, default=0, help="Engine seed (requests carry their own).")
+    report = commands.add_parser("report", help="Write RUN_DIR/report.html (plots, samples, config) for a run folder.",
+                                 allow_abbrev=False)
+    report.add_argument("run_dir", metavar="RUN_DIR", help="The run folder (with metrics.jsonl).")
     return parser
 
 
@@ -234,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parse_known_strict(parser, argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "vllm-serve": cmd_vllm_serve}
+    handlers = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "vllm-serve": cmd_vllm_serve,
+                "report": cmd_report}
     try:
         return handlers[args.command](args)
     except TrainingInterrupted as err:
