@@ -56,7 +56,12 @@ class Binned:
 
 def series_by_key(rows: dict[int, dict]) -> dict[str, Series]:
     """Each numeric key's series over the rows (step -> metrics line); nulls, booleans, strings, NaN and
-    inf are left out, so a step with nothing scorable leaves a gap rather than a crash."""
+    inf are left out, so a step with nothing scorable leaves a gap rather than a crash.
+
+    >>> found = series_by_key({1: {"step": 1, "kl": None, "reward": 0.5}, 2: {"step": 2, "kl": 0.1, "reward": "x"}})
+    >>> {key: (s.steps_N.tolist(), s.values_N.tolist()) for key, s in found.items()}
+    {'kl': ([2.0], [0.1]), 'reward': ([1.0], [0.5])}
+    """
     steps_N = np.fromiter(rows, dtype=np.float64, count=len(rows))
     found = {}
     # Key by key over all rows (one list comprehension each): a 100k-step run reads in a fraction of a second.
@@ -66,7 +71,8 @@ def series_by_key(rows: dict[int, dict]) -> dict[str, Series]:
                                 dtype=np.float64)
         except OverflowError:  # an integer beyond float64: not a metric to plot
             continue
-        finite_N = np.isfinite(values_N)
+        # Beyond 1e200 (a diverged run) the axis arithmetic overflows: such a value is left out like a NaN.
+        finite_N = np.abs(values_N) < 1e200
         if finite_N.any():
             found[key] = Series(steps_N[finite_N], values_N[finite_N])
     return dict(sorted(found.items()))
@@ -158,7 +164,7 @@ def line_plot(title: str, ylabel: str, named: dict[str, Series], window: int, lo
         if len(raw.steps_M) < len(series.steps_N):
             ax.fill_between(raw.steps_M, raw.lows_M, raw.highs_M, color=color, alpha=0.12, linewidth=0)
         if window > 1:
-            ax.plot(raw.steps_M, raw.means_M, color=color, alpha=0.3, linewidth=0.8)
+            ax.plot(raw.steps_M, raw.means_M, color=color, alpha=0.4, linewidth=0.8)
             smooth = downsample(Series(series.steps_N, moving_average(series.values_N, window)))  # full series first
             ax.plot(smooth.steps_M, smooth.means_M, color=color, linewidth=1.6, label=label)
         else:  # a marker too: a one- or two-point line is otherwise hard to see
