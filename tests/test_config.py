@@ -34,8 +34,12 @@ FIELD_NAMES = [
     "gradient_checkpointing",
     # run
     "output_dir", "overwrite_output_dir", "logging_steps", "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
-    "resume_ignore_mismatch", "reward_errors", "reward_timeout", "undo_nonfinite_updates", "max_nonfinite_steps", "report_to", "eval_strategy", "push_to_hub",
+    "resume_ignore_mismatch", "reward_errors", "reward_timeout", "undo_nonfinite_updates", "max_nonfinite_steps",
     "preset",
+    # report
+    "report_to", "run_name", "project", "trackio_space_id", "log_completions", "num_completions_to_print",
+    "eval_strategy", "eval_steps", "eval_on_start", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy",
+    "hub_token", "hub_revision",
 ]
 
 
@@ -108,9 +112,10 @@ def test_tiny_preset_is_the_cpu_default():
     [
         ({"num_generations": 1}, "num_generations"),
         ({"num_generations": 4, "per_device_train_batch_size": 6}, "per_device_train_batch_size"),
-        ({"report_to": ["wandb"]}, "report_to"),
-        ({"eval_strategy": "steps"}, "eval_strategy"),
-        ({"push_to_hub": True}, "push_to_hub"),
+        ({"report_to": ["comet_ml"]}, "report_to"),
+        ({"eval_strategy": "epoch"}, "eval_strategy"),
+        ({"eval_steps": 2.5}, "eval_steps"),
+        ({"hub_strategy": "all_checkpoints"}, "hub_strategy"),
         ({"optim": "adamw_8bit"}, "optim"),
         ({"warmup_steps": 10, "warmup_ratio": 0.1}, "warmup_steps"),
         ({"lr_scheduler_type": "reduce_lr_on_plateau"}, "lr_scheduler_type"),
@@ -391,7 +396,7 @@ def test_trl_python_and_yaml_forms_are_read_as_data(tmp_path):
     assert cfg.eval_strategy == "no" and cfg.save_steps == 0 and cfg.origins["save_steps"] == "save_strategy"
 
 
-@pytest.mark.parametrize("key", ["gradient_checkpointing_kwargs", "eval_steps", "hub_model_id", "use_liger_kernel"])
+@pytest.mark.parametrize("key", ["gradient_checkpointing_kwargs", "per_device_eval_batch_size", "use_liger_kernel"])
 def test_common_trl_fields_rloo_lacks_are_refused_with_what_to_do(key):
     with pytest.raises(ValueError, match=f"^config field '{key}': "):
         RLOOConfig(**{key: 1})

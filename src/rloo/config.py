@@ -21,6 +21,8 @@ from rloo.schema import FIELD_SECTION, SECTIONS
 DEFAULT_PRESET = "tldr-tiny"
 
 
+SECRET_FIELDS = ("hub_token",)  # kept in memory only: not in config.yaml, checkpoints, trackers or the start banner
+
 # Other names a TRL or transformers config uses for a field (read, never written).
 ALIASES = {"dtype": "torch_dtype", "dataset_test_split": "dataset_eval_split"}
 
@@ -73,8 +75,8 @@ class RLOOConfig:
         return copied
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat {field: value}, the YAML written to the run folder."""
-        return {f: getattr(self, f) for f in FIELD_SECTION}
+        """Flat {field: value}, the YAML written to the run folder: never the Hub token (the folder is uploaded)."""
+        return {f: None if f in SECRET_FIELDS else getattr(self, f) for f in FIELD_SECTION}
 
     def __repr__(self) -> str:
         return f"RLOOConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
@@ -98,21 +100,13 @@ class RLOOConfig:
 
 
 # TRL / transformers fields rloo does not have yet, with what to do instead.
-_PERIODIC_EVAL = ("periodic evaluation is not available yet; rloo evaluates num_eval_samples held-out prompts before "
-                  "and after training")
+_EVAL = ("rloo evaluates one sampled completion for each of num_eval_samples held-out prompts (eval_strategy steps "
+         "with eval_steps: periodically)")
 NOT_YET = {
-    "log_completions": "not available yet; every reward source's mean is in metrics.jsonl",
-    "num_completions_to_print": "not available yet; every reward source's mean is in metrics.jsonl",
-    "run_name": "trackers are not available yet (report_to none); a run is named by its output_dir",
-    "project": "trackers are not available yet (report_to none); a run is named by its output_dir",
     "use_cpu": "not needed: rloo uses the GPU when there is one and the CPU otherwise",
     "gradient_checkpointing_kwargs": "not available yet; gradient_checkpointing true uses transformers' defaults",
-    "do_eval": _PERIODIC_EVAL, "eval_steps": _PERIODIC_EVAL, "eval_on_start": _PERIODIC_EVAL,
-    "per_device_eval_batch_size": _PERIODIC_EVAL, "num_generations_eval": _PERIODIC_EVAL,
+    "do_eval": _EVAL, "per_device_eval_batch_size": _EVAL, "num_generations_eval": _EVAL,
     "logging_strategy": "rloo writes one line of metrics every logging_steps steps",
-    "hub_model_id": "the Hub upload is not available yet (push_to_hub false)",
-    "hub_strategy": "the Hub upload is not available yet (push_to_hub false)",
-    "hub_private_repo": "the Hub upload is not available yet (push_to_hub false)",
     "use_liger_kernel": "not needed: rloo's log-prob pass never holds (B, T, V) logits",
 }
 _PEFT_FIELDS = ("use_peft", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")

@@ -239,13 +239,46 @@ class RunArgs:
     max_nonfinite_steps: int = arg(
         3, "Consecutive steps with a non-finite loss or gradient (each skipped) after which the run stops."
     )
-    report_to: list[str] = arg(["none"], "Trackers (transformers' name): only none for now; metrics.jsonl holds every metric.")
-    eval_strategy: str = arg(
-        "no", "Periodic evaluation (transformers' name): only no for now; rloo evaluates num_eval_samples held-out "
-        "prompts before and after training."
-    )
-    push_to_hub: bool = arg(False, "Upload the run folder to the Hub (transformers' name): not available yet.")
     preset: str | None = arg(None, "Name of the preset this config started from (set by --config).")
+
+
+@dataclass
+class ReportArgs:
+    """What a run shows and shares: trackers, completion tables, periodic evaluation, the Hub (transformers' and
+    TRL's names)."""
+
+    report_to: list[str] = arg(
+        ["none"], "Trackers: none, tensorboard, wandb, trackio, all (every installed one), or several; each logs every "
+        "metric at every logged step (train/<name>, eval/<name>). metrics.jsonl is written in every case."
+    )
+    run_name: str | None = arg(None, "The run's name in the trackers; default the output_dir's name.")
+    project: str = arg("huggingface", "The Trackio project (and the wandb project unless WANDB_PROJECT is set).")
+    trackio_space_id: str | None = arg(None, "A Hugging Face Space to log Trackio to; None: a local Trackio project.")
+    log_completions: bool = arg(
+        False, "Print a table of prompts, completions, rewards and advantages every logging step (rich) and log it to "
+        "the trackers. completions.jsonl in the run folder holds them in every case."
+    )
+    num_completions_to_print: int | None = arg(None, "Rows of that table printed; None: all.")
+    eval_strategy: str = arg(
+        "no", "Periodic held-out evaluation: no, or steps (every eval_steps); logged as eval/<name> in metrics.jsonl "
+        "and the trackers. The evaluation after training runs in every case (num_eval_samples > 0)."
+    )
+    eval_steps: float | None = arg(
+        None, "Steps between evaluations with eval_strategy steps; < 1: a fraction of max_steps; None: logging_steps."
+    )
+    eval_on_start: bool = arg(
+        True, "Evaluate before the first step (the model card's 'before' column and the paired gain). TRL's default is "
+        "false; rloo's is true because its card compares before and after."
+    )
+    push_to_hub: bool = arg(False, "Upload the run folder to the Hugging Face Hub (huggingface_hub) at the end.")
+    hub_model_id: str | None = arg(None, "The Hub repository; default <your user>/<output_dir's name>.")
+    hub_private_repo: bool | None = arg(None, "Create the repository private; None: the Hub's default (public).")
+    hub_strategy: str = arg(
+        "every_save", "end (the run folder at the end) or every_save (also each checkpoint, to last-checkpoint/, "
+        "in the background as it is saved)."
+    )
+    hub_token: str | None = arg(None, "The Hub token; default the one `hf auth login` saved (or HF_TOKEN).")
+    hub_revision: str | None = arg(None, "The branch to push to; default main.")
 
 
 SECTIONS: dict[str, type] = {
@@ -256,5 +289,6 @@ SECTIONS: dict[str, type] = {
     "objective": ObjectiveArgs,
     "training": TrainingArgs,
     "run": RunArgs,
+    "report": ReportArgs,
 }
 FIELD_SECTION: dict[str, str] = {f.name: s for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)}

@@ -14,6 +14,8 @@ import importlib.util
 import math
 from dataclasses import dataclass
 
+from rloo.trackers import KNOWN as TRACKERS
+
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 # generation_kwargs keys rloo's samplers honour, and the field each sets (TRL: they override the fields).
@@ -171,13 +173,16 @@ def validate(cfg) -> None:
         (cfg.torch_dtype in ("auto", "float32", "bfloat16", "float16"),
          f"torch_dtype must be auto, float32, bfloat16 or float16, got {cfg.torch_dtype!r}"),
         (cfg.missing_eos_penalty is None or cfg.missing_eos_penalty >= 0, "missing_eos_penalty must be >= 0"),
-        (all(name == "none" for name in cfg.report_to),
-         f"report_to {cfg.report_to}: trackers are not available yet; use report_to none (metrics.jsonl in the run "
-         "folder holds every metric)"),
-        (cfg.eval_strategy == "no",
-         f"eval_strategy {cfg.eval_strategy!r}: periodic evaluation is not available yet; use eval_strategy no "
-         "(rloo evaluates num_eval_samples held-out prompts before and after training)"),
-        (not cfg.push_to_hub, "push_to_hub: not available yet; upload the run folder with `huggingface-cli upload`"),
+        (all(part.strip().lower() in ("none", "all", *TRACKERS) for name in cfg.report_to for part in name.split(",")),
+         f"report_to must name trackers among {', '.join(TRACKERS)} (or all / none), got {cfg.report_to}"),
+        (cfg.eval_strategy in ("no", "steps"),
+         f"eval_strategy must be no or steps (every eval_steps), got {cfg.eval_strategy!r}"),
+        (cfg.eval_steps is None or (cfg.eval_steps > 0 and (cfg.eval_steps < 1 or float(cfg.eval_steps).is_integer())),
+         f"eval_steps must be a whole number of steps, a fraction of max_steps in (0, 1), or None; got {cfg.eval_steps}"),
+        (cfg.num_completions_to_print is None or cfg.num_completions_to_print >= 0,
+         "num_completions_to_print must be >= 0 or None (all)"),
+        (cfg.hub_strategy in ("end", "every_save"),
+         f"hub_strategy must be end or every_save, got {cfg.hub_strategy!r}"),
         (cfg.save_strategy in ("steps", "no"),
          f"save_strategy must be steps (every save_steps) or no, got {cfg.save_strategy!r}"),
         (not cfg.remove_unused_columns,
