@@ -15,6 +15,9 @@ from rloo.rewards import RewardSources
 from rloo.rollout import sample, score
 
 
+NUM_KEPT_SAMPLES = 8  # completions kept per evaluation (the first prompts'), shown side by side in the report
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, dataset, sources: RewardSources, cfg, num_samples: int | None = None,
              seed: int = 1234, batch_size: int = 50, accelerator=None, generator=None, autocast=None,
@@ -57,7 +60,7 @@ def _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, n
     gather = cfg.ds3_gather_for_generation
     device = next(model.parameters()).device
     limit = prompt_token_limit(model, cfg.max_prompt_length, cfg.max_completion_length)
-    rewards, scores, lengths = [], [], []
+    rewards, scores, lengths, texts_kept = [], [], [], []
     # A fixed seed makes "before" and "after" draw the same random numbers, so their difference is paired.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
@@ -70,13 +73,18 @@ def _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, n
                 rollout = sample(generator, tokenizer, texts, prompt_ids, columns, 1, device,
                                  prompt_seeds(seed, 0, indices), raw_prompts=prompts)
             rollout = score(rollout, sources, cfg.missing_eos_penalty, shared=shared)
+            texts_kept += [{"prompt": p, "completion": c} for p, c in zip(prompts, rollout.completions)]
             rewards.append(rollout.rewards_BF.cpu())
             scores.append(rollout.scores_B.cpu())
             lengths.append(rollout.completion_mask_BT.sum(1).float().cpu())
     rewards_NF = torch.cat(rewards) if rewards else torch.zeros(0, len(sources.names))
     scores_N = torch.cat(scores) if scores else torch.zeros(0)
     lengths_N = torch.cat(lengths) if lengths else torch.zeros(0)
+    texts_kept = texts_kept[:num_mine]
     if processes > 1:  # every share has the same length: gather in rank order, drop the top-up rows
+        from accelerate.utils import gather_object
+
+        texts_kept = gather_object(texts_kept)
         table = torch.cat([rewards_NF, scores_N[:, None], lengths_N[:, None]], 1)
         table[num_mine:] = float("nan")
         everything = accelerator.gather(table.to(accelerator.device)).cpu()[:num_samples]
@@ -95,6 +103,9 @@ def _evaluate(model, tokenizer, dataset, sources, cfg, generator, accelerator, n
         num_unscorable=int((~torch.isfinite(scores_N)).sum()),
         per_prompt_rewards=scores_N.tolist(),
         per_prompt_rewards_by_source={name: rewards_NF[:, f].tolist() for f, name in enumerate(sources.names)},
+        # the first prompts' completions, for the report's before / after table
+        per_prompt_samples=[dict(row, reward=scores_N[i].item() if torch.isfinite(scores_N[i]) else None)
+                            for i, row in enumerate(texts_kept[:NUM_KEPT_SAMPLES])],
     )
     return result
 

@@ -75,29 +75,42 @@ def timed(timings: dict[str, float], phase: str):
 
 
 class MetricsWriter:
-    """Appends one JSON object per line; only the main process writes. ``keep_through_step`` (resume):
-    keep the lines of steps up to it (``kept``), drop later ones, append after them."""
+    """Appends one JSON object per line (metrics.jsonl, completions.jsonl); only the main process writes.
+    ``keep_through_step`` (resume): keep the lines of steps up to it, drop later ones (a killed run's steps
+    after its checkpoint), append after them; ``remember``: also hold the kept lines in ``kept``."""
 
-    def __init__(self, path: Path, enabled: bool = True, keep_through_step: int | None = None):
+    def __init__(self, path: Path, enabled: bool = True, keep_through_step: int | None = None, remember: bool = True):
         self.kept: list[dict] = []
-        if keep_through_step is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    metrics = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                if metrics.get("step", 0) <= keep_through_step:
-                    self.kept.append(metrics)
         self.file = None
+        if not enabled and not remember:
+            return
+        kept_lines = []
+        if keep_through_step is not None and path.is_file():
+            with open(path, encoding="utf-8") as old:
+                for line in old:  # streamed: completions.jsonl may be large
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut short by a kill
+                        continue
+                    if row.get("step", 0) <= keep_through_step:
+                        if enabled:
+                            kept_lines.append(json.dumps(row, allow_nan=False) + "\n")
+                        if remember:
+                            self.kept.append(row)
         if enabled:
             tmp = path.with_name(path.name + ".tmp")  # the kept lines first, then swapped in whole
-            tmp.write_text("".join(json.dumps(m, allow_nan=False) + "\n" for m in self.kept), encoding="utf-8")
+            tmp.write_text("".join(kept_lines), encoding="utf-8")
             os.replace(tmp, path)
             self.file = open(path, "a", encoding="utf-8")
 
     def write(self, metrics: dict) -> None:
         if self.file is not None:
             self.file.write(json.dumps(metrics, allow_nan=False) + "\n")
+            self.file.flush()
+
+    def write_many(self, rows: list[dict]) -> None:
+        if self.file is not None:
+            self.file.write("".join(json.dumps(row, allow_nan=False) + "\n" for row in rows))
             self.file.flush()
 
     def close(self) -> None:

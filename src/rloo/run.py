@@ -26,6 +26,8 @@ from rloo.output_dir import FolderLock, claim
 from rloo.models import (disable_dropout, eos_token_ids, frozen_copy, load_policy, load_tokenizer, prompt_token_limit,
                          resolve_model_path, router_aux_loss_coef)
 from rloo.logprobs import choose_prompt_sharing
+from rloo.publish import check_hub
+from rloo.trackers import check_trackers
 from rloo.precision import Precision, mixed_precision_mode, resolve_precision, warn_if_updates_vanish
 from rloo.rewards import RewardSources, build_rewards
 from rloo.rewards.model import RewardModel
@@ -62,6 +64,9 @@ class Run:
     generator_stale: bool = False  # the policy changed since the generator last took its weights
     lock: Any = None  # output_dir.FolderLock held by the main process for the run's life
     guard: Any = None  # guard.UpdateGuard: non-finite weights after a step undo it
+    model_name: str = ""  # the policy as the user named it (a hub id, a folder, rloo:tldr-tiny-sft), for the card
+    trackers: list = field(default_factory=list)  # report_to, resolved and checked (trackers.py)
+    hub_repo: str | None = None  # push_to_hub's repository, checked at setup (publish.py)
 
 
     def autocast(self):
@@ -107,23 +112,30 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision_mode(cfg, cuda),
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=wait)])
     setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
-    output_dir, lock = claim_output_dir(cfg, accelerator)  # before anything is loaded or written
+    model_name = model if isinstance(model, str) else cfg.model_name_or_path if model is None else (
+        getattr(model, "name_or_path", "") or "an in-memory model")
+    output_dir, lock, trackers, hub_repo = claim_output_dir(cfg, accelerator)  # before anything is loaded or written
     try:
-        return _build(cfg, accelerator, output_dir, lock, model, tokenizer, rewards, train_dataset, eval_dataset,
-                      reward_processing_classes)
+        run = _build(cfg, accelerator, output_dir, lock, model, tokenizer, rewards, train_dataset, eval_dataset,
+                     reward_processing_classes)
+        run.model_name, run.trackers, run.hub_repo = model_name, trackers, hub_repo
+        return run
     except BaseException:
         if lock is not None:
             lock.release()
         raise
 
 
-def claim_output_dir(cfg: RLOOConfig, accelerator: Accelerator) -> tuple[Path, FolderLock | None]:
-    """The run folder, named and locked by the main process (output_dir.claim); every process learns its
-    name, or the main process's refusal."""
-    output_dir, lock, failure = None, None, None
+def claim_output_dir(cfg: RLOOConfig, accelerator: Accelerator) -> tuple[Path, FolderLock | None, list, str | None]:
+    """The run folder, named and locked by the main process (output_dir.claim), after its trackers and Hub
+    repository are checked (nothing is created when they fail); every process learns its name, or the main
+    process's refusal."""
+    output_dir, lock, failure, trackers, hub_repo = None, None, None, [], None
     if accelerator.is_main_process:
         output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
         try:
+            trackers = check_trackers(cfg)
+            hub_repo = check_hub(cfg, output_dir)
             continuing = False
             if cfg.resume_from_checkpoint:
                 checkpoint = resolve_resume_path(cfg.resume_from_checkpoint, output_dir)
@@ -143,7 +155,7 @@ def claim_output_dir(cfg: RLOOConfig, accelerator: Accelerator) -> tuple[Path, F
     if failure is not None:
         raise failure
     cfg.output_dir = str(output_dir)
-    return output_dir, lock
+    return output_dir, lock, trackers, hub_repo
 
 
 def refuse_inputs_inside(cfg: RLOOConfig, output_dir: Path) -> None:
@@ -286,3 +298,13 @@ def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any,
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
     return policy, tokenizer, start_model, dropout
+
+
+def trainer_state(run: Run, step: int):
+    """transformers' TrainerState as TRL hands it to reward functions: the optimizer steps done so far."""
+    from transformers import TrainerState
+
+    sampler, sizes = run.sampler, run.cfg.sizes
+    return TrainerState(global_step=step - 1, max_steps=sizes.max_steps, num_train_epochs=run.cfg.num_train_epochs,
+                        epoch=sampler.epoch + sampler.position / sampler.num_rows, logging_steps=run.cfg.logging_steps,
+                        save_steps=run.cfg.save_steps, train_batch_size=run.cfg.per_device_train_batch_size)

@@ -35,12 +35,13 @@ from rloo.errors import (
     StopNow,
     TrainingInterrupted,
 )
-from rloo.evaluate import evaluate, paired_gain
 from rloo.generation import prompt_seeds
-from rloo.metrics import MetricsWriter, step_metrics, timed
+from rloo.metrics import step_metrics, timed
 from rloo.resume import drop_final_checkpoint, resume, save, snapshot
 from rloo.rollout import Rollout, add_advantages, add_logprobs, sample, score
-from rloo.run import Run, setup, sync_generator
+from rloo.run import Run, setup, sync_generator, trainer_state
+from rloo.run_eval import eval_interval, eval_line, run_evaluation, summarize
+from rloo.run_log import RunLog, completion_rows
 from rloo.run_folder import save_run_folder
 from rloo.update import across_processes, normalize_over_processes, policy_update
 
@@ -96,18 +97,44 @@ def _train(run: Run) -> TrainResult:
     if cfg.resume_from_checkpoint:
         state = resume(run)
     else:
-        state = TrainState(eval_before=run_evaluation(run, "before"))
+        state = TrainState(eval_before=run_evaluation(run, 0) if cfg.eval_on_start else None)
         stop_if_asked(run, state)
-    writer = MetricsWriter(run.output_dir / "metrics.jsonl", enabled=run.accelerator.is_main_process,
-                           keep_through_step=state.step if cfg.resume_from_checkpoint else None)
-    history = list(writer.kept)
+    log = RunLog(run, resume_step=state.step if cfg.resume_from_checkpoint else None)
+    try:
+        if state.eval_before is not None and not cfg.resume_from_checkpoint:
+            log.evaluation(eval_line(0, state.eval_before))
+        train_loop(run, state, log)
+        final = save(run, snapshot(run, state))  # the trained weights, before anything else can fail (None: sharded)
+        eval_after = run_evaluation(run, sizes.max_steps)
+        stop_if_asked(run, state)  # a signal during the last evaluation: resuming redoes only the evaluation
+        if eval_after is not None:
+            log.evaluation(eval_line(sizes.max_steps, eval_after))
+        summary = summarize(state.eval_before, eval_after)
+        weights = full_state_dict(run.accelerator, run.policy)  # gathered from the shards by every process
+        log.close()  # the trackers' runs end; their link goes in the card
+        if run.accelerator.is_main_process:  # phase 6
+            save_run_folder(run, summary, weights, checkpoint=final, tracker_url=log.tracker_url)
+            if not cfg.save_steps and final is not None:  # no checkpoints asked for: the final write's insurance
+                drop_final_checkpoint(final)
+            if log.publisher is not None:
+                logger.info("pushed to %s", log.publisher.push_folder(run.output_dir))
+    finally:
+        log.close()
+    run.accelerator.wait_for_everyone()  # the run folder is complete when train() returns, on every process
+    return TrainResult(run.output_dir, state.eval_before, eval_after, log.history, cfg)
+
+
+def train_loop(run: Run, state: TrainState, log: RunLog) -> None:
+    """Phases 1-6 of every step from the state's to max_steps; a periodic evaluation after its steps."""
+    cfg, sizes = run.cfg, run.cfg.sizes
+    every = eval_interval(cfg)
     progress = tqdm(total=sizes.max_steps, initial=state.step, desc="rloo",
                     disable=cfg.disable_tqdm or not run.accelerator.is_main_process)
     try:
         for step in range(state.step + 1, sizes.max_steps + 1):
             before = snapshot(run, state)  # where this step starts: saved if the step fails
             try:
-                metrics = training_step(run, state, step)
+                metrics, rows = training_step(run, state, step, log)
             except NonFiniteWeightsError as err:  # the weights in memory are broken: nothing of them is saved
                 newest = committed_checkpoints(run.output_dir)
                 kept = f"the newest checkpoint is {newest[-1]}" if newest else "no checkpoint was written"
@@ -117,32 +144,23 @@ def _train(run: Run) -> TrainResult:
                 kept = (f"the state before this step is saved in {where}" if where is not None else
                         "no checkpoint holds it (FSDP / DeepSpeed runs write none)")
                 raise type(err)(f"step {step}: {err}; {kept}") from err
-            history.append(metrics)  # phase 5
-            if step % cfg.logging_steps == 0 or step == sizes.max_steps:
-                writer.write(metrics)
-                if progress.disable and run.accelerator.is_main_process:  # no bar: one line per logged step
-                    print(f"step {step}/{sizes.max_steps} reward {_fmt(metrics['reward'])} kl {_fmt(metrics['kl'])} "
-                          f"episodes/s {metrics['episodes_per_s']:.1f}", flush=True)
+            log.step(metrics, rows)  # phase 5
+            if log.is_logged(step) and progress.disable and run.accelerator.is_main_process:  # no bar: a line
+                print(f"step {step}/{sizes.max_steps} reward {_fmt(metrics['reward'])} kl {_fmt(metrics['kl'])} "
+                      f"episodes/s {metrics['episodes_per_s']:.1f}", flush=True)
             progress.set_postfix(reward=_fmt(metrics["reward"], 3), kl=_fmt(metrics["kl"], 3),
                                  eps=f"{metrics['episodes_per_s']:.1f}")
             progress.update(1)
+            # before the checkpoint: a run killed during it redoes the step and its evaluation on resume
+            if every and step % every == 0 and step != sizes.max_steps:  # the last one is the run's "after"
+                result = run_evaluation(run, step)
+                if result is not None:
+                    log.evaluation(eval_line(step, result))
             if cfg.save_steps and step % cfg.save_steps == 0:
-                save(run, snapshot(run, state))
+                log.checkpoint_saved(save(run, snapshot(run, state)), step)
             stop_if_asked(run, state)
     finally:
         progress.close()
-        writer.close()
-    final = save(run, snapshot(run, state))  # the trained weights, before anything else can fail (None: sharded)
-    eval_after = run_evaluation(run, "after")
-    stop_if_asked(run, state)  # a signal during the last evaluation: resuming redoes only the evaluation
-    summary = summarize(state.eval_before, eval_after)
-    weights = full_state_dict(run.accelerator, run.policy)  # gathered from the shards by every process
-    if run.accelerator.is_main_process:  # phase 6
-        save_run_folder(run, summary, weights, checkpoint=final)
-        if not cfg.save_steps and final is not None:  # no checkpoints asked for: that one was the final write's insurance
-            drop_final_checkpoint(final)
-    run.accelerator.wait_for_everyone()  # the run folder is complete when train() returns, on every process
-    return TrainResult(run.output_dir, state.eval_before, eval_after, history, cfg)
 
 
 def stop_if_asked(run: Run, state: TrainState) -> None:
@@ -156,10 +174,10 @@ def stop_if_asked(run: Run, state: TrainState) -> None:
         raise TrainingInterrupted(signal.Signals(run.stop_signal).name, state.step, checkpoint)
 
 
-def training_step(run: Run, state: TrainState, step: int) -> dict:
-    """Phases 1-4 of one optimizer step. A generation batch serves ``num_steps_per_rollout`` steps
-    (``steps_per_generation / gradient_accumulation_steps`` slices, ``num_iterations`` passes); each
-    step trains on its slice of it."""
+def training_step(run: Run, state: TrainState, step: int, log: RunLog) -> tuple[dict, list[dict] | None]:
+    """Phases 1-4 of one optimizer step: its metrics, and its generation batch's completions when the step
+    logs them. A generation batch serves ``num_steps_per_rollout`` steps (``steps_per_generation /
+    gradient_accumulation_steps`` slices, ``num_iterations`` passes); each step trains on its slice of it."""
     cfg, sizes = run.cfg, run.cfg.sizes
     start, timings = time.perf_counter(), {}
     position = (step - 1) % sizes.num_steps_per_rollout
@@ -198,7 +216,11 @@ def training_step(run: Run, state: TrainState, step: int) -> dict:
         counts = run.accelerator.reduce(counts, "sum")
     metrics.update(dict(zip(names, counts.tolist())))
     metrics["num_nonfinite_steps"] = run.counters["num_nonfinite_steps"]  # a step is skipped by all processes
-    return metrics
+    rows = None
+    if log.wants_completions(step, step - position):
+        rows = completion_rows(run, rollout, samples, step - position)
+        log.took_completions(step - position)
+    return metrics, rows
 
 
 def make_rollout(run: Run, step: int, timings: dict, logged: dict) -> Rollout:
@@ -266,16 +288,6 @@ def score_rollout(run: Run, rollout: Rollout, step: int) -> dict[str, float]:
         logger.warning("step %d: %s", step, line)
     run.counters["num_reward_errors"] += len(errors)
     return {name: sum(values) / len(values) for name, values in logged.items()}
-
-
-def trainer_state(run: Run, step: int):
-    """transformers' TrainerState as TRL hands it to reward functions: the optimizer steps done so far."""
-    from transformers import TrainerState
-
-    sampler, sizes = run.sampler, run.cfg.sizes
-    return TrainerState(global_step=step - 1, max_steps=sizes.max_steps, num_train_epochs=run.cfg.num_train_epochs,
-                        epoch=sampler.epoch + sampler.position / sampler.num_rows, logging_steps=run.cfg.logging_steps,
-                        save_steps=run.cfg.save_steps, train_batch_size=run.cfg.per_device_train_batch_size)
 
 
 def reduce_logged(run: Run, logged: dict[str, float]) -> dict[str, float]:
@@ -348,36 +360,3 @@ def sample_rollout(run: Run, rows: list[int], step: int) -> Rollout:
     if failure is not None:
         raise failure
     return rollout
-
-
-def run_evaluation(run: Run, when: str) -> dict | None:
-    if run.eval_dataset is None or run.cfg.num_eval_samples == 0:
-        return None
-    sync_generator(run)
-    policy = run.accelerator.unwrap_model(run.policy)
-    steps_done = run.cfg.sizes.max_steps if when == "after" else 0
-    result = evaluate(policy, run.tokenizer, run.eval_dataset, run.sources, run.cfg, run.cfg.num_eval_samples,
-                      accelerator=run.accelerator, generator=run.generator, autocast=run.autocast,
-                      trainer_state=trainer_state(run, steps_done + 1))
-    policy.train()
-    if run.accelerator.is_main_process:
-        logger.info("held-out reward %s training: %.4f", when, result["reward_mean"])
-    return result
-
-
-def summarize(before: dict | None, after: dict | None) -> dict | None:
-    """The before/after held-out comparison printed at the end of a run and written to eval.json."""
-    if before is None or after is None:
-        return None
-    gain = paired_gain(before, after)
-    return {
-        "reward_before": before["reward_mean"],
-        "reward_after": after["reward_mean"],
-        "gain": gain["gain"],
-        "gain_se": gain["se"],
-        "gain_z": gain["z"],
-        "gain_relative": gain["relative"],
-        "num_prompts": after["num_prompts"],
-        "before": {k: v for k, v in before.items() if not k.startswith("per_prompt")},
-        "after": {k: v for k, v in after.items() if not k.startswith("per_prompt")},
-    }

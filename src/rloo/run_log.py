@@ -1,0 +1,138 @@
+"""Where a run's figures go, on the main process: metrics.jsonl, completions.jsonl, the console, the trackers
+(trackers.py) and the Hub (publish.py). The loop hands it each step's metrics and, on logged steps, its
+completions; it decides what goes where."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from rloo.metrics import MetricsWriter
+from rloo.rollout import Rollout
+from rloo.trackers import Trackers
+
+logger = logging.getLogger(__name__)
+
+
+class RunLog:
+    """Opened once the run's state is known (``resume_step``: the checkpoint's step, None for a fresh run)."""
+
+    def __init__(self, run, resume_step: int | None):
+        cfg, out, main = run.cfg, run.output_dir, run.accelerator.is_main_process
+        self.cfg, self.main = cfg, main
+        self.metrics = MetricsWriter(out / "metrics.jsonl", enabled=main, keep_through_step=resume_step)
+        self.completions = MetricsWriter(out / "completions.jsonl", enabled=main, keep_through_step=resume_step,
+                                         remember=False)
+        self.history = [m for m in self.metrics.kept if "eval/reward" not in m]  # training steps only
+        self.trackers = Trackers(run.trackers, cfg, out, resume_step) if main else None
+        self.publisher = None
+        if main and run.hub_repo is not None:
+            from rloo.publish import Publisher
+
+            self.publisher = Publisher(cfg, run.hub_repo)
+        self._logged_batch = None  # the step that sampled the last generation batch whose completions were written
+
+    def is_logged(self, step: int) -> bool:
+        return step % self.cfg.logging_steps == 0 or step == self.cfg.sizes.max_steps
+
+    def step(self, metrics: dict, rows: list[dict] | None) -> None:
+        """One optimizer step: its metrics (written on logged steps), and its batch's completions when given."""
+        self.history.append(metrics)
+        if not self.main or not self.is_logged(metrics["step"]):
+            return
+        self.metrics.write(metrics)
+        self.trackers.log(metrics)
+        if rows:
+            self.completions.write_many(rows)
+            if self.cfg.log_completions:
+                print_completions(rows, self.cfg.num_completions_to_print, metrics["step"])
+                self.trackers.log_table([table_row(row) for row in rows], metrics["step"])
+
+    def wants_completions(self, step: int, batch_step: int) -> bool:
+        """Whether this step writes its generation batch's completions (sampled at ``batch_step``): on logged
+        steps, each batch once. The same on every process (they gather the rows together)."""
+        return self.is_logged(step) and self._logged_batch != batch_step
+
+    def took_completions(self, batch_step: int) -> None:
+        self._logged_batch = batch_step
+
+    def evaluation(self, line: dict) -> None:
+        if self.main:
+            self.metrics.write(line)
+            self.trackers.log(line)
+
+    def checkpoint_saved(self, path: Path | None, step: int) -> None:
+        if self.publisher is not None and path is not None:
+            self.publisher.push_checkpoint(path, step)
+
+    @property
+    def tracker_url(self) -> str | None:
+        return self.trackers.url if self.trackers is not None else None
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.completions.close()
+        if self.trackers is not None:
+            self.trackers.finish()
+
+
+def completion_rows(run, rollout: Rollout, samples: dict[str, torch.Tensor], step: int) -> list[dict]:
+    """The generation batch's completions, one row each, from every process in rank order (``samples``: the
+    gathered per-completion tensors of update.across_processes). Called on every process; rows on process 0."""
+    k = rollout.num_generations
+    local = [{"prompt": (rollout.raw_prompts or rollout.prompts)[i // k], "completion": text}
+             for i, text in enumerate(rollout.completions)]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        local = gather_object(local)
+    rewards_BF, scores_B = samples["rewards_BF"].cpu(), samples["scores_B"].cpu()
+    advantages_B, lengths_B, truncated_B = (samples[name].cpu() for name in ("advantages_B", "lengths_B", "truncated_B"))
+    names = run.sources.names
+    return [{"step": step, **row,
+             "rewards": {name: _finite(rewards_BF[i, f]) for f, name in enumerate(names)},
+             "reward": _finite(scores_B[i]), "advantage": _finite(advantages_B[i]),
+             "length": int(lengths_B[i]), "truncated": bool(truncated_B[i])}
+            for i, row in enumerate(local)]
+
+
+def _finite(value: torch.Tensor) -> float | None:
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def prompt_text(prompt) -> str:
+    """A dataset prompt as one text: chat messages as 'role: content' lines."""
+    if isinstance(prompt, list):
+        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt)
+    return str(prompt)
+
+
+def table_row(row: dict) -> dict:
+    """A completions.jsonl row as a flat table row (trackers' tables)."""
+    flat = {"step": row["step"], "prompt": prompt_text(row["prompt"]), "completion": row["completion"]}
+    flat.update({name: value for name, value in row["rewards"].items()})
+    flat.update(reward=row["reward"], advantage=row["advantage"], length=row["length"], truncated=row["truncated"])
+    return flat
+
+
+def print_completions(rows: list[dict], limit: int | None, step: int) -> None:
+    """TRL's console table (rich): prompt, completion, each reward source, advantage; ``limit`` rows."""
+    from rich.console import Console
+    from rich.table import Table
+
+    shown = rows if limit is None else rows[:limit]
+    if not shown:
+        return
+    table = Table(title=f"step {step}: {len(shown)} of {len(rows)} completions", show_lines=True, expand=True)
+    names = list(shown[0]["rewards"])
+    for column in ["prompt", "completion", *names, "advantage"]:
+        table.add_column(column, overflow="fold", ratio=3 if column in ("prompt", "completion") else 1)
+    fmt = lambda value: "n/a" if value is None else f"{value:.3f}"  # noqa: E731
+    for row in shown:
+        text = prompt_text(row["prompt"])
+        table.add_row(text[-300:], row["completion"], *(fmt(row["rewards"][n]) for n in names), fmt(row["advantage"]))
+    Console().print(table)
