@@ -6,8 +6,11 @@ hub and no cache. Tests that change a model load their own copy from ``tiny_mode
 
 import json
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers / datasets read it at import
+# Trackio reads its folder at import: the tests' local projects go to a temporary one, not ~/.cache.
+os.environ.setdefault("TRACKIO_DIR", tempfile.mkdtemp(prefix="rloo-tests-trackio-"))
 
 import pytest
 

@@ -63,7 +63,14 @@ def accelerate_launch(config: str, num_processes: int) -> list[str]:
 def rewards_of(run: Path) -> list[dict]:
     keys = ("step", "reward", "reward_std", "rewards/grounding", "rewards/summary_length", "completion_length",
             "num_truncated_prompts", "advantage_abs_mean")
-    return [{k: json.loads(line)[k] for k in keys} for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: line[k] for k in keys} for line in lines if "eval/reward" not in line]
+
+
+def completions_of(run: Path) -> list[tuple]:
+    """Every logged completion as (step, prompt, completion), in a fixed order (processes gather by rank)."""
+    rows = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    return sorted((row["step"], row["prompt"], row["completion"]) for row in rows)
 
 
 def max_difference(a: Path, b: Path) -> float:
@@ -88,9 +95,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_d
         for key in a:
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert completions_of(one) == completions_of(two)  # every process's completions, gathered once
     if evaluation:
         a, b = (json.loads((run / "eval.json").read_text()) for run in (one, two))
-        assert b["num_prompts"] == 7
+        assert b["num_prompts"] == 7 and a["samples"] == b["samples"]  # the texts gathered from both shares
         for key in ("reward_before", "reward_after", "gain"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
 

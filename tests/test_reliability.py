@@ -60,6 +60,11 @@ def assert_same_run(full: Path, resumed: Path) -> None:
     for name in ("optimizer.safetensors", "rng.safetensors"):
         assert_same_tensors(load_file(last_full / name), load_file(last_resumed / name))
     assert metrics_of(full) == metrics_of(resumed)
+    assert completions_of(full) == completions_of(resumed)  # none lost or repeated across the stop
+
+
+def completions_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
 
 
 class StopAt:
@@ -189,6 +194,11 @@ def test_signal_finishes_the_step_saves_and_resumes_exactly(tiny_model_dir, tmp_
     full = train(cfg_for(tiny_model_dir, tmp_path / "full", **settings), rewards=[StopAt(None)]).output_dir
     assert_same_tensors(load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors"))
     assert metrics_of(full) == metrics_of(resumed)
+    assert completions_of(full) == completions_of(resumed)  # none lost or repeated across the stop
+
+
+def completions_of(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
 
 
 def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(tiny_model_dir, tmp_path):
@@ -307,6 +317,7 @@ def test_sigkill_anywhere_leaves_a_loadable_checkpoint_that_resumes_exactly(tiny
         checkpoint.read_checkpoint(newest)  # loadable
         assert run(out, "none", "latest") == 0, point
         assert_same_tensors(load_file(full / "model.safetensors"), load_file(out / "model.safetensors"))
+        assert completions_of(full) == completions_of(out), point
 
 
 # ------------------------------------------------------------------------------ reward faults
@@ -487,8 +498,10 @@ def test_nothing_rloo_writes_is_a_pickle(tiny_model_dir, tmp_path):
     run = train(cfg_for(tiny_model_dir, tmp_path / "run", max_steps=2, num_iterations=2, save_steps=1)).output_dir
     files = [p for p in run.rglob("*") if p.is_file()]
     assert any(p.name == "rollout-rank0.safetensors" for p in files)
-    for path in files:  # every file is safetensors or UTF-8 text: no pickle, no torch.save zip
+    for path in files:  # every file is safetensors, a PNG plot or UTF-8 text: no pickle, no torch.save zip
         if path.suffix == ".safetensors":
             load_file(path)
+        elif path.suffix == ".png":
+            assert path.parent.name == "plots" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         else:
             path.read_text(encoding="utf-8")

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -43,8 +44,10 @@ def test_two_steps_change_parameters_and_write_a_complete_run_folder(tiny_model_
     after = load_file(out / "model.safetensors")
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before), "no parameter changed"
-    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "eval/reward" not in line]
     assert [s["step"] for s in steps] == [1, 2]
+    assert [line["step"] for line in lines if "eval/reward" in line] == [0, 2]  # before and after training
     for key in STEP_KEYS + ["rewards/grounding", "rewards/summary_length"]:
         assert all(key in s for s in steps), key
         assert all(s[key] == s[key] for s in steps), f"{key} is NaN"
@@ -54,15 +57,43 @@ def test_two_steps_change_parameters_and_write_a_complete_run_folder(tiny_model_
 
 
 def test_model_card_quick_start_runs_as_written(tiny_model_dir, tmp_path):
-    out = train(tiny_config(tiny_model_dir, tmp_path / "run", max_steps=1)).output_dir
+    """From the folder's parent without a hub id; with one, from the Hub (here its cache, offline) by that id."""
+    result = train(tiny_config(tiny_model_dir, tmp_path / "run", max_steps=1))
+    out = result.output_dir
     card = (out / "README.md").read_text()
     code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
-    assert "pipeline(\"text-generation\"" in code and str(out.resolve()) in code
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert "pipeline(\"text-generation\"" in code and f"model={out.name!r}" in code
+    assert str(tiny_model_dir) not in card and str(out.parent) not in card  # no local paths
+    assert "a local model (`" + tiny_model_dir.name + "`)" in card
+    assert re.search(r"```bash\nrloo train .*--max_steps 1 .*--output_dir run\n```", card)
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=out.parent)
     assert done.returncode == 0, done.stderr[-2000:]
-    for needle in ("RLOO", "Ahmadian", "Stiennon", "transformers", "num_generations"):
+    for needle in ("RLOO", "Ahmadian", "Stiennon", "transformers", "num_generations", "![reward](plots/reward.png)"):
         assert needle in card
+    assert (out / "plots" / "reward.png").is_file()
+
+    from rloo.card import model_card
+    from transformers import AutoTokenizer
+
+    sources = SimpleNamespace(names=["grounding", "summary_length"], weights=[1.0, 0.5])
+    hub_card = model_card(result.config, "someone/sft-policy", sources, None, "TL;DR: a prompt",
+                          AutoTokenizer.from_pretrained(out), out, hub_repo="someone/rloo-tiny",
+                          tracker_url="https://wandb.ai/someone/huggingface/runs/abc123")
+    assert "base_model: someone/sft-policy" in hub_card and "# Model card for rloo-tiny" in hub_card
+    assert "Visualize in Weights & Biases" in hub_card and "(https://wandb.ai/someone/huggingface/runs/abc123)" in hub_card
+    hub_code = re.search(r"```python\n(.*?)```", hub_card, re.S).group(1)
+    assert "model='someone/rloo-tiny'" in hub_code and "Run it from the directory" not in hub_card
+    snapshot = tmp_path / "hub" / "models--someone--rloo-tiny" / "snapshots" / ("0" * 40)  # the Hub cache's layout
+    snapshot.mkdir(parents=True)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (snapshot / name).write_bytes((out / name).read_bytes())
+    done = subprocess.run([sys.executable, "-c", hub_code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_python_api_accepts_model_object_dataset_and_callable_rewards(tiny_model_dir, tmp_path):
