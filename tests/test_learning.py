@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from rloo import load_config, train
+from rloo.cli import main
+from test_report import check_in_browser, needs_chromium
 
 
 def paired(before: list[float], after: list[float]) -> tuple[float, float]:
@@ -19,8 +22,14 @@ def paired(before: list[float], after: list[float]) -> tuple[float, float]:
     return diff.mean().item(), (diff.std() / math.sqrt(len(diff))).item()
 
 
-def test_tldr_tiny_default_learns(tmp_path):
-    result = train(load_config("tldr-tiny", {"output_dir": str(tmp_path / "run"), "disable_tqdm": True}))
+@pytest.fixture(scope="module")
+def tldr_tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tldr-tiny") / "run"
+    return train(load_config("tldr-tiny", {"output_dir": str(out), "disable_tqdm": True}))
+
+
+def test_tldr_tiny_default_learns(tldr_tiny_run):
+    result = tldr_tiny_run
     before, after = result.eval_before, result.eval_after
     assert before["num_prompts"] == after["num_prompts"] == 200
     gain, se = paired(before["per_prompt_rewards"], after["per_prompt_rewards"])
@@ -30,3 +39,13 @@ def test_tldr_tiny_default_learns(tmp_path):
     assert rouge_gain >= -2 * rouge_se, f"ROUGE-L fell by {-rouge_gain:.4f} (> 2 s.e. = {2 * rouge_se:.4f})"
     steps = result.metrics
     assert len(steps) == 80 and all(math.isfinite(s["loss"]) and math.isfinite(s["kl"]) for s in steps)
+
+
+@needs_chromium
+def test_the_tldr_tiny_report_renders_offline_in_chromium(tldr_tiny_run):
+    """The finished default run's report (written at its end, and again by `rloo report`)."""
+    out = tldr_tiny_run.output_dir
+    written = (out / "report.html").read_bytes()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").read_bytes() == written  # the same page: nothing in it depends on when it is made
+    check_in_browser(out / "report.html")

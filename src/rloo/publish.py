@@ -17,8 +17,9 @@ from rloo.errors import RlooError
 
 logger = logging.getLogger(__name__)
 
-# Never uploaded: the folder's lock, the final write's staging folders, wandb's local files (synced by wandb itself).
-IGNORED = [".rloo*", ".tmp-final/**", ".final-ready/**", "wandb/**", "*.tmp", "checkpoints/**", "**/.rloo*"]
+# Never uploaded with the run folder: its lock and listing, the final write's staging folders, wandb's local files
+# (wandb syncs them itself), half-written files, and the checkpoints (every_save sends the newest on its own).
+FOLDER_IGNORED = [".rloo*", ".tmp-final/**", ".final-ready/**", "wandb/**", "*.tmp", "checkpoints/**"]
 
 
 class HubPushError(RlooError):
@@ -26,8 +27,9 @@ class HubPushError(RlooError):
 
 
 def check_hub(cfg, output_dir: Path) -> str | None:
-    """The repository id the run will push to (None without push_to_hub), after checking that the Hub is
-    reachable and the token is valid; else ValueError in one line."""
+    """The repository the run will push to (None without push_to_hub), created now (or found) with the
+    run's token, so that an unreachable Hub, a bad token or a namespace it cannot write to stop the run
+    before anything loads; ValueError in one line."""
     if not cfg.push_to_hub:
         return None
     from huggingface_hub import HfApi, constants, get_token
@@ -40,16 +42,22 @@ def check_hub(cfg, output_dir: Path) -> str | None:
     if token is None:
         raise ValueError("push_to_hub: no Hugging Face token; log in with `hf auth login`, set HF_TOKEN, or pass "
                          "--hub_token")
+    api, repo = HfApi(token=token), None
     try:
-        user = HfApi(token=token).whoami()["name"]
+        repo = repo_id(cfg.hub_model_id, output_dir, api.whoami()["name"])
+        api.create_repo(repo, private=cfg.hub_private_repo, exist_ok=True)
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
-        why = "the token is not valid" if status == 401 else f"the Hub answered {status}"
-        raise ValueError(f"push_to_hub: {why} ({constants.ENDPOINT}); log in again with `hf auth login`") from None
+        if status == 401 and repo is None:
+            raise ValueError(f"push_to_hub: the token is not valid ({constants.ENDPOINT}); log in again with "
+                             "`hf auth login`") from None
+        raise ValueError(f"push_to_hub: the Hub refused {'the token' if repo is None else f'to create {repo}'} "
+                         f"({status}: {' '.join(str(err).split())[:160]}); check hub_model_id and the token's "
+                         "write access") from None
     except Exception as err:  # noqa: BLE001 - httpx / OS errors: no network, DNS, proxy
         raise ValueError(f"push_to_hub: cannot reach the Hugging Face Hub at {constants.ENDPOINT} "
                          f"({type(err).__name__}); train with push_to_hub false and upload later with `hf upload`") from None
-    return repo_id(cfg.hub_model_id, output_dir, user)
+    return repo
 
 
 def repo_id(hub_model_id: str | None, output_dir: Path, user: str) -> str:
@@ -59,14 +67,13 @@ def repo_id(hub_model_id: str | None, output_dir: Path, user: str) -> str:
 
 
 class Publisher:
-    """Uploads for one run: checkpoints in the background (every_save), the run folder at the end."""
+    """Uploads for one run (main process): checkpoints in the background (every_save), the run folder at the end."""
 
     def __init__(self, cfg, repo: str):
         from huggingface_hub import HfApi
 
         self.repo, self.strategy, self.revision = repo, cfg.hub_strategy, cfg.hub_revision
-        self.api = HfApi(token=cfg.hub_token or None)
-        self.api.create_repo(repo, private=cfg.hub_private_repo, exist_ok=True)
+        self.api = HfApi(token=cfg.hub_token or None)  # the repository exists: check_hub made it
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="rloo-hub")
         self._pending: concurrent.futures.Future | None = None
 
@@ -80,7 +87,7 @@ class Publisher:
         self._pending = self._pool.submit(self.api.upload_folder, repo_id=self.repo, folder_path=str(checkpoint),
                                           path_in_repo="last-checkpoint", revision=self.revision,
                                           commit_message=f"rloo: checkpoint at step {step}",
-                                          delete_patterns=["*"], ignore_patterns=IGNORED[:-2])
+                                          delete_patterns=["*"], ignore_patterns=["*.tmp"])
         self._pending.add_done_callback(lambda future: _warn_if_failed(future, step))
 
     def push_folder(self, output_dir: Path) -> str:
@@ -89,7 +96,7 @@ class Publisher:
         self.wait()
         try:
             self.api.upload_folder(repo_id=self.repo, folder_path=str(output_dir), revision=self.revision,
-                                   commit_message="rloo: the trained model and its run", ignore_patterns=IGNORED)
+                                   commit_message="rloo: the trained model and its run", ignore_patterns=FOLDER_IGNORED)
         except Exception as err:  # noqa: BLE001 - any transport or Hub error: the folder on disk is whole
             raise HubPushError(f"push_to_hub: uploading {output_dir} to {self.repo} failed ({type(err).__name__}: "
                                f"{' '.join(str(err).split())[:200]}); the run folder is complete on disk: upload it "

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from rloo.metrics import MetricsWriter
+from rloo.report import prompt_text
 from rloo.rollout import Rollout
 from rloo.trackers import Trackers
 
@@ -33,7 +34,6 @@ class RunLog:
             from rloo.publish import Publisher
 
             self.publisher = Publisher(cfg, run.hub_repo)
-        self._logged_batch = None  # the step that sampled the last generation batch whose completions were written
 
     def is_logged(self, step: int) -> bool:
         return step % self.cfg.logging_steps == 0 or step == self.cfg.sizes.max_steps
@@ -52,12 +52,10 @@ class RunLog:
                 self.trackers.log_table([table_row(row) for row in rows], metrics["step"])
 
     def wants_completions(self, step: int, batch_step: int) -> bool:
-        """Whether this step writes its generation batch's completions (sampled at ``batch_step``): on logged
-        steps, each batch once. The same on every process (they gather the rows together)."""
-        return self.is_logged(step) and self._logged_batch != batch_step
-
-    def took_completions(self, batch_step: int) -> None:
-        self._logged_batch = batch_step
+        """Whether this step writes its generation batch's completions (sampled at ``batch_step``): at the
+        batch's first logged step, so each batch once, and a resume inside a reused batch agrees. The same
+        on every process (they gather the rows together)."""
+        return self.is_logged(step) and not any(self.is_logged(s) for s in range(batch_step, step))
 
     def evaluation(self, line: dict) -> None:
         if self.main:
@@ -102,13 +100,6 @@ def completion_rows(run, rollout: Rollout, samples: dict[str, torch.Tensor], ste
 def _finite(value: torch.Tensor) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def prompt_text(prompt) -> str:
-    """A dataset prompt as one text: chat messages as 'role: content' lines."""
-    if isinstance(prompt, list):
-        return "\n".join(f"{m.get('role', '?')}: {m.get('content', '')}" for m in prompt)
-    return str(prompt)
 
 
 def table_row(row: dict) -> dict:

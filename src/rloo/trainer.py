@@ -218,8 +218,7 @@ def training_step(run: Run, state: TrainState, step: int, log: RunLog) -> tuple[
     metrics["num_nonfinite_steps"] = run.counters["num_nonfinite_steps"]  # a step is skipped by all processes
     rows = None
     if log.wants_completions(step, step - position):
-        rows = completion_rows(run, rollout, samples, step - position)
-        log.took_completions(step - position)
+        rows = completion_rows(run, rollout, samples, step)
     return metrics, rows
 
 
