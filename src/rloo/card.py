@@ -105,7 +105,7 @@ def reproduce_command(cfg, model_name: str, out: Path) -> str:
             continue
         items = value if isinstance(value, list) else [value]
         shown = [Path(v).name if isinstance(v, str) and "/" in v and is_local(v) else v for v in items]
-        parts += [f"--{name}", *(str(v) for v in shown)]
+        parts += [f"--{name}", *(str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in shown)]
     parts += ["--output_dir", out.name]
     return " ".join(shlex.quote(part) for part in parts)
 

@@ -17,7 +17,7 @@ import numpy as np
 PLOTS = {  # file stem -> (metric key or key prefix "x/", title, y label); drawn in this order when logged
     "reward": ("reward", "reward (total)", "reward"),
     "reward_sources": ("rewards/", "reward per source", "reward"),
-    "kl": ("kl", "KL to the reference policy", "nats / token"),
+    "kl": ("kl", "KL to the reference policy (per completion)", "nats"),
     "completion_length": ("completion_length", "completion length", "tokens"),
     "entropy": ("entropy", "policy entropy", "nats / token"),
     "clip_ratio": ("clip_ratio", "clipped fraction", "fraction"),
