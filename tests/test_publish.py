@@ -36,9 +36,12 @@ class FakeHub(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path.startswith("/api/whoami-v2"):
-            if self.headers.get("Authorization") != "Bearer hf_test_token":
+            token = self.headers.get("Authorization", "").removeprefix("Bearer ")
+            if token not in ("hf_test_token", "hf_read_token"):
                 return self._reply(401, {"error": "Invalid credentials"})
-            return self._reply(200, {"type": "user", "name": "tester", "auth": {"type": "access_token"}})
+            role = "read" if token == "hf_read_token" else "write"
+            return self._reply(200, {"type": "user", "name": "tester",
+                                     "auth": {"type": "access_token", "accessToken": {"role": role}}})
         if "/tree/" in self.path:  # the files already there (every_save replaces last-checkpoint/): none
             return self._reply(200, [])
         self._reply(404, {"error": "not here"})  # huggingface_hub's optional lookups (agent harnesses, say)
@@ -90,7 +93,10 @@ def test_push_to_hub_uploads_each_checkpoint_then_the_run_folder(tiny_model_dir,
     checkpoints, final = FakeHub.commits[:-1], FakeHub.commits[-1]
     assert all(c["repo"] == "tester/tiny-rloo" for c in FakeHub.commits)
     assert 1 <= len(checkpoints) <= 2  # a save while the previous upload runs is skipped
-    assert all(set(c["files"]) >= {"last-checkpoint/model.safetensors", "last-checkpoint/COMMITTED"} for c in checkpoints)
+    for commit in checkpoints:  # the newest checkpoint with the reference policy: a download resumes (beta 0.05)
+        steps = {name.split("/")[1] for name in commit["files"] if name.startswith("checkpoints/step-")}
+        assert len(steps) == 1 and {f"checkpoints/{steps.pop()}/COMMITTED", "checkpoints/reference/model.safetensors",
+                                    "checkpoints/reference/COMMITTED"} <= set(commit["files"])
     files = final["files"]
     for name in ("model.safetensors", "config.json", "README.md", "report.html", "plots/reward.png", "metrics.jsonl",
                  "completions.jsonl", "eval.json", "config.yaml"):
@@ -101,7 +107,9 @@ def test_push_to_hub_uploads_each_checkpoint_then_the_run_folder(tiny_model_dir,
     assert b"hf_test_token" not in files["config.yaml"]  # the token is never written
 
 
-def test_a_bad_token_stops_before_training_in_one_line(tiny_model_dir, tmp_path, hub):
+def test_a_bad_or_read_only_token_stops_before_training_in_one_line(tiny_model_dir, tmp_path, hub):
     with pytest.raises(ValueError, match=r"^push_to_hub: the token is not valid \(http://127\.0\.0\.1:\d+\); log in"):
         train(tiny_config(tiny_model_dir, tmp_path / "run", push_to_hub=True, hub_token="hf_wrong"))
-    assert not (tmp_path / "run").exists() and FakeHub.commits == []
+    with pytest.raises(ValueError, match=r"^push_to_hub: the token is read-only; make one with write access"):
+        train(tiny_config(tiny_model_dir, tmp_path / "run", push_to_hub=True, hub_token="hf_read_token"))
+    assert not (tmp_path / "run").exists() and FakeHub.commits == [] and FakeHub.created == []

@@ -19,6 +19,7 @@ from rloo.cli import main
 from test_train_e2e import tiny_config
 
 MAX_STEPS, EVAL_STEPS = 4, 2
+SECRET = "hf_not_a_real_token_0123456789"
 
 
 def metric_lines(run: Path) -> tuple[list[dict], list[dict]]:
@@ -70,10 +71,11 @@ def tracked_run(tiny_model_dir, tmp_path_factory):
     mp.setenv("WANDB_MODE", "offline")
     mp.setenv("WANDB_SILENT", "true")
     mp.setenv("COLUMNS", "200")  # rich's width when stdout is not a terminal (80 folds the headers)
+    mp.setattr(sys, "argv", ["rloo", "train", "--hub_token", SECRET])  # wandb records the command line
     out = tmp_path_factory.mktemp("tracked") / "run"
     cfg = tiny_config(tiny_model_dir, out, max_steps=MAX_STEPS, report_to=["tensorboard", "wandb", "trackio"],
                       run_name=f"tracked-{out.parent.name}", project="rloo-tests", log_completions=True,
-                      num_completions_to_print=3, eval_strategy="steps", eval_steps=EVAL_STEPS)
+                      num_completions_to_print=3, eval_strategy="steps", eval_steps=EVAL_STEPS, hub_token=SECRET)
     buffer = io.StringIO()
     with redirect_stdout(buffer):  # the console table (rich prints to sys.stdout)
         result = train(cfg)
@@ -201,3 +203,30 @@ def test_online_wandb_without_a_key_and_push_to_hub_offline_fail_in_one_line_bef
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("rloo train: error: push_to_hub: the Hugging Face Hub is off"), err
     assert not (tmp_path / "run").exists()
+
+
+def test_no_file_of_the_run_or_its_trackers_holds_the_hub_token(tracked_run):
+    from trackio.utils import TRACKIO_DIR
+
+    result, printed = tracked_run
+    files = [p for p in result.output_dir.rglob("*") if p.is_file()] + list(Path(TRACKIO_DIR).rglob("*.db"))
+    run_file = next(p for p in files if p.suffix == ".wandb")
+    assert b"--hub_token" in run_file.read_bytes()  # wandb did record the command line: with the value hidden
+    leaks = [str(p) for p in files if SECRET.encode() in p.read_bytes()]
+    assert leaks == [] and SECRET not in printed
+
+
+def test_eval_strategy_steps_without_held_out_prompts_is_one_line(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="^eval_strategy steps: the run has no held-out prompts"):
+        train(tiny_config(tiny_model_dir, tmp_path / "run", num_eval_samples=0, eval_strategy="steps"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_finished_run_redoes_its_final_evaluation_once(tiny_model_dir, tmp_path):
+    """Its last checkpoint is at max_steps, the final evaluation after it: done again, its line not doubled."""
+    out = tmp_path / "run"
+    train(tiny_config(tiny_model_dir, out, max_steps=2, save_steps=2))
+    first = (out / "metrics.jsonl").read_text()
+    train(tiny_config(tiny_model_dir, out, max_steps=2, save_steps=2, resume_from_checkpoint="latest"))
+    assert (out / "metrics.jsonl").read_text() == first
+    assert [m["step"] for m in metric_lines(out)[1]] == [0, 2]

@@ -37,8 +37,6 @@ TLDR_BIBTEX = """@inproceedings{stiennon2020learning,
 }"""
 
 
-
-
 def package_versions() -> dict[str, str]:
     names = ["rloo", "transformers", "torch", "accelerate", "datasets", "tokenizers", "safetensors"]
     out = {}
@@ -49,8 +47,6 @@ def package_versions() -> dict[str, str]:
             out[name] = "not installed"
     out["python"] = platform.python_version()
     return out
-
-
 
 
 def quick_start(model_path: str, example_prompt, has_chat_template: bool, max_new_tokens: int) -> str:
@@ -68,8 +64,6 @@ def quick_start(model_path: str, example_prompt, has_chat_template: bool, max_ne
         f"output = generator(prompt, max_new_tokens={max_new_tokens}, return_full_text=False)[0]\n"
         "print(output[\"generated_text\"])\n"
     )
-
-
 
 
 BUILTIN_MODELS = {"rloo:tldr-tiny-sft": "rloo's built-in tldr-tiny policy (a tiny pythia-architecture model, supervised "

@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from rloo.files import parse_yaml, read_utf8
-from rloo.schema import FIELD_SECTION, SECTIONS
+from rloo.schema import FIELD_SECTION, SECRET_FIELDS, SECTIONS
 
 DEFAULT_PRESET = "tldr-tiny"
 
-
-SECRET_FIELDS = ("hub_token",)  # kept in memory only: not in config.yaml, checkpoints, trackers or the start banner
 
 # Other names a TRL or transformers config uses for a field (read, never written).
 ALIASES = {"dtype": "torch_dtype", "dataset_test_split": "dataset_eval_split"}

@@ -60,3 +60,7 @@ class RunFolderError(RlooError):
 
 class FinalWriteError(RlooError):
     """The final model folder could not be written; the trained weights are in the checkpoint named."""
+
+
+class TrackerError(RlooError):
+    """A tracker of report_to could not be opened (the run stops before training)."""

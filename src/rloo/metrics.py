@@ -8,6 +8,7 @@ import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -76,30 +77,35 @@ def timed(timings: dict[str, float], phase: str):
 
 class MetricsWriter:
     """Appends one JSON object per line (metrics.jsonl, completions.jsonl); only the main process writes.
-    ``keep_through_step`` (resume): keep the lines of steps up to it, drop later ones (a killed run's steps
-    after its checkpoint), append after them; ``remember``: also hold the kept lines in ``kept``."""
+    ``keep`` (resume): which lines of the file to keep (a killed run's lines after its checkpoint are not),
+    the new lines appended after them; ``remember``: also hold the kept lines in ``kept`` (every process
+    reads them)."""
 
-    def __init__(self, path: Path, enabled: bool = True, keep_through_step: int | None = None, remember: bool = True):
+    def __init__(self, path: Path, enabled: bool = True, keep: Callable[[dict], bool] | None = None,
+                 remember: bool = True):
         self.kept: list[dict] = []
         self.file = None
         if not enabled and not remember:
             return
-        kept_lines = []
-        if keep_through_step is not None and path.is_file():
-            with open(path, encoding="utf-8") as old:
-                for line in old:  # streamed: completions.jsonl may be large
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut short by a kill
-                        continue
-                    if row.get("step", 0) <= keep_through_step:
-                        if enabled:
-                            kept_lines.append(json.dumps(row, allow_nan=False) + "\n")
-                        if remember:
-                            self.kept.append(row)
+        tmp = path.with_name(path.name + ".tmp")  # the kept lines first, then swapped in whole
+        out = open(tmp, "w", encoding="utf-8") if enabled else None
+        try:
+            if keep is not None and path.is_file():
+                with open(path, encoding="utf-8") as old:
+                    for line in old:  # streamed: completions.jsonl may be large
+                        try:
+                            row = json.loads(line)
+                        except json.JSONDecodeError:  # a line cut short by a kill
+                            continue
+                        if isinstance(row, dict) and keep(row):
+                            if out is not None:
+                                out.write(line if line.endswith("\n") else line + "\n")
+                            if remember:
+                                self.kept.append(row)
+        finally:
+            if out is not None:
+                out.close()
         if enabled:
-            tmp = path.with_name(path.name + ".tmp")  # the kept lines first, then swapped in whole
-            tmp.write_text("".join(kept_lines), encoding="utf-8")
             os.replace(tmp, path)
             self.file = open(path, "a", encoding="utf-8")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from rloo.errors import RunFolderError
 from rloo.final import READY, recover
+from rloo.schema import scrubbed_argv
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def lock_folder(folder: Path, created: bool = False) -> FolderLock:
         logger.warning("output_dir '%s': the run that held it did not end cleanly (%s; killed or crashed): this "
                        "run takes the folder over", folder, describe(stale))
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds"),
-          "command": " ".join(sys.argv)[:500]}
+          "command": " ".join(scrubbed_argv(sys.argv))[:500]}
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, json.dumps(me).encode("utf-8"))

@@ -2,9 +2,11 @@
 transformers' names), with huggingface_hub.
 
 ``check_hub`` runs at setup, before anything is loaded: without a token or a reachable Hub the run stops
-there in one line, never after an hour of training. ``every_save`` uploads each checkpoint to
-``last-checkpoint/`` in the background as it is committed (one at a time: a save while the previous upload
-still runs is skipped, as transformers does unless ``hub_always_push``); the end uploads the run folder.
+there in one line, never after an hour of training. ``every_save`` uploads each committed checkpoint in the
+background to ``checkpoints/step-N/`` (with the reference policy, ``checkpoints/reference/``, so that a
+download resumes), the previous one removed from the repository; one upload at a time: a save while the
+previous upload still runs is skipped, as transformers does unless ``hub_always_push``. The end uploads the
+run folder, after every process is done.
 """
 
 from __future__ import annotations
@@ -44,8 +46,16 @@ def check_hub(cfg, output_dir: Path) -> str | None:
                          "--hub_token")
     api, repo = HfApi(token=token), None
     try:
-        repo = repo_id(cfg.hub_model_id, output_dir, api.whoami()["name"])
+        me = api.whoami()
+        role = me.get("auth", {}).get("accessToken", {}).get("role")
+        if role == "read":
+            raise ValueError("push_to_hub: the token is read-only; make one with write access (`hf auth login`)")
+        repo = repo_id(cfg.hub_model_id, output_dir, me["name"])
         api.create_repo(repo, private=cfg.hub_private_repo, exist_ok=True)
+        if cfg.hub_revision:
+            api.create_branch(repo, branch=cfg.hub_revision, exist_ok=True)
+    except ValueError:
+        raise
     except HfHubHTTPError as err:
         status = getattr(err.response, "status_code", None)
         if status == 401 and repo is None:
@@ -78,16 +88,18 @@ class Publisher:
         self._pending: concurrent.futures.Future | None = None
 
     def push_checkpoint(self, checkpoint: Path, step: int) -> None:
-        """every_save: a committed checkpoint to last-checkpoint/, without waiting for it."""
+        """every_save: a committed checkpoint (and the reference policy beside it) to checkpoints/, the
+        repository's earlier one removed, without waiting for the upload."""
         if self.strategy != "every_save":
             return
         if self._pending is not None and not self._pending.done():
             logger.info("push_to_hub: the previous checkpoint is still uploading; step %d's is skipped", step)
             return
-        self._pending = self._pool.submit(self.api.upload_folder, repo_id=self.repo, folder_path=str(checkpoint),
-                                          path_in_repo="last-checkpoint", revision=self.revision,
-                                          commit_message=f"rloo: checkpoint at step {step}",
-                                          delete_patterns=["*"], ignore_patterns=["*.tmp"])
+        self._pending = self._pool.submit(self.api.upload_folder, repo_id=self.repo,
+                                          folder_path=str(checkpoint.parent), path_in_repo="checkpoints",
+                                          allow_patterns=[f"{checkpoint.name}/**", "reference/**"],
+                                          delete_patterns=["step-*/**"], revision=self.revision,
+                                          commit_message=f"rloo: checkpoint at step {step}")
         self._pending.add_done_callback(lambda future: _warn_if_failed(future, step))
 
     def push_folder(self, output_dir: Path) -> str:

@@ -171,6 +171,9 @@ def refuse_inputs_inside(cfg: RLOOConfig, output_dir: Path) -> None:
 def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, model, tokenizer, rewards,
            train_dataset, eval_dataset, reward_processing_classes) -> Run:
     train_dataset, eval_dataset = load_datasets(cfg, train_dataset, eval_dataset)
+    if cfg.eval_strategy == "steps" and (eval_dataset is None or cfg.num_eval_samples == 0):
+        raise ValueError("eval_strategy steps: the run has no held-out prompts (num_eval_samples 0, or a training "
+                         "dataset without an eval split); give eval_dataset / dataset_eval_split, or eval_strategy no")
     sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
     policy, tokenizer, start_model, dropout = load_model(cfg, model, tokenizer)
     precision = resolve_precision(cfg, accelerator.mixed_precision, next(policy.parameters()).dtype,

@@ -5,6 +5,7 @@ and the last compared in eval.json and the model card."""
 from __future__ import annotations
 
 import logging
+import math
 
 from rloo.evaluate import evaluate, paired_gain
 from rloo.run import Run, sync_generator, trainer_state
@@ -29,13 +30,13 @@ def run_evaluation(run: Run, step: int) -> dict | None:
 
 
 def eval_interval(cfg) -> int | None:
-    """Steps between periodic evaluations (transformers' rule: eval_steps, a fraction of max_steps when below
-    1, logging_steps when unset); None without eval_strategy steps."""
+    """Steps between periodic evaluations (transformers' rule: eval_steps, a fraction of max_steps rounded up
+    when below 1, logging_steps when unset); None without eval_strategy steps."""
     if cfg.eval_strategy != "steps":
         return None
     steps = cfg.eval_steps if cfg.eval_steps is not None else cfg.logging_steps
     if steps < 1:
-        steps = max(1, round(steps * cfg.sizes.max_steps))
+        steps = math.ceil(steps * cfg.sizes.max_steps)
     return int(steps)
 
 

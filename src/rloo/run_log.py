@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from rloo.errors import TrackerError
 from rloo.metrics import MetricsWriter
 from rloo.report import prompt_text
 from rloo.rollout import Rollout
@@ -19,17 +20,35 @@ logger = logging.getLogger(__name__)
 
 
 class RunLog:
-    """Opened once the run's state is known (``resume_step``: the checkpoint's step, None for a fresh run)."""
+    """Opened once the run's state is known (``resume_step``: the checkpoint's step, None for a fresh run),
+    before anything is evaluated. Every process opens it; a tracker that fails to open (a key W&B refuses, a
+    Space that does not deploy) stops every process with one line, before training."""
 
     def __init__(self, run, resume_step: int | None):
         cfg, out, main = run.cfg, run.output_dir, run.accelerator.is_main_process
         self.cfg, self.main = cfg, main
-        self.metrics = MetricsWriter(out / "metrics.jsonl", enabled=main, keep_through_step=resume_step)
-        self.completions = MetricsWriter(out / "completions.jsonl", enabled=main, keep_through_step=resume_step,
-                                         remember=False)
+        max_steps = cfg.sizes.max_steps
+        # Kept on resume: the lines up to the checkpoint's step, but not the final evaluation's when resuming
+        # at the last step (the final evaluation comes after that checkpoint and is done again).
+        keep = None if resume_step is None else (
+            lambda row: row.get("step", 0) <= resume_step and not (
+                resume_step == max_steps and row.get("step") == max_steps and "eval/reward" in row))
+        self.metrics = MetricsWriter(out / "metrics.jsonl", enabled=main, keep=keep)
+        self.completions = MetricsWriter(out / "completions.jsonl", enabled=main, keep=keep, remember=False)
         self.history = [m for m in self.metrics.kept if "eval/reward" not in m]  # training steps only
-        self.trackers = Trackers(run.trackers, cfg, out, resume_step) if main else None
-        self.publisher = None
+        self.trackers, self.publisher, failure = None, None, None
+        if main:
+            try:
+                self.trackers = Trackers(run.trackers, cfg, out, resume_step)
+            except Exception as err:  # noqa: BLE001 - raised below, on every process
+                failure = f"report_to: opening a tracker failed ({type(err).__name__}: {' '.join(str(err).split())[:300]})"
+        if run.accelerator.num_processes > 1:  # the others learn of it rather than wait in the first collective
+            shared = [failure]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            failure = shared[0]
+        if failure is not None:
+            self.close(failed=True)
+            raise TrackerError(failure)
         if main and run.hub_repo is not None:
             from rloo.publish import Publisher
 
@@ -70,11 +89,12 @@ class RunLog:
     def tracker_url(self) -> str | None:
         return self.trackers.url if self.trackers is not None else None
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Idempotent; ``failed``: the run stopped on an error."""
         self.metrics.close()
         self.completions.close()
         if self.trackers is not None:
-            self.trackers.finish()
+            self.trackers.finish(failed=failed)
 
 
 def completion_rows(run, rollout: Rollout, samples: dict[str, torch.Tensor], step: int) -> list[dict]:

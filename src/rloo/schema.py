@@ -277,8 +277,29 @@ class ReportArgs:
         "every_save", "end (the run folder at the end) or every_save (also each checkpoint, to last-checkpoint/, "
         "in the background as it is saved)."
     )
-    hub_token: str | None = arg(None, "The Hub token; default the one `hf auth login` saved (or HF_TOKEN).")
+    hub_token: str | None = arg(
+        None, "The Hub token; default HF_TOKEN or the one `hf auth login` saved, which is better (a command line is "
+        "visible to other users). Never written to the run folder, checkpoints or trackers."
+    )
     hub_revision: str | None = arg(None, "The branch to push to; default main.")
+
+
+SECRET_FIELDS = ("hub_token",)  # kept in memory only: never in config.yaml, checkpoints, trackers, lock files, logs
+
+
+def scrubbed_argv(argv: list[str]) -> list[str]:
+    """The command line with the values of secret options replaced (``--hub_token X`` -> ``--hub_token ***``)."""
+    out, hide = [], False
+    for token in argv:
+        name = token[2:].split("=")[0] if token.startswith("--") else None
+        if hide:
+            out.append("***")
+        elif name in SECRET_FIELDS and "=" in token:
+            out.append(f"--{name}=***")
+        else:
+            out.append(token)
+        hide = name in SECRET_FIELDS and "=" not in token
+    return out
 
 
 SECTIONS: dict[str, type] = {

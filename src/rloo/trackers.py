@@ -15,8 +15,11 @@ import json
 import logging
 import netrc
 import os
+import sys
 from pathlib import Path
 from urllib.parse import urlparse
+
+from rloo.schema import scrubbed_argv
 
 logger = logging.getLogger(__name__)
 
@@ -97,8 +100,7 @@ def tracker_key(name: str) -> str:
 
 def scalars(metrics: dict) -> dict[str, float]:
     """The numbers of one metrics.jsonl line, under the trackers' names (None, text and the step dropped)."""
-    return {tracker_key(k): float(v) for k, v in metrics.items()
-            if k != "step" and isinstance(v, (int, float)) and v is not None}
+    return {tracker_key(k): float(v) for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
 
 
 class Trackers:
@@ -109,11 +111,19 @@ class Trackers:
         self._handles: dict[str, object] = {}
         state = _read_state(self.output_dir) if resume_step is not None else {}
         run_name = cfg.run_name or self.output_dir.resolve().name
-        config = {k: v for k, v in cfg.to_dict().items()}
-        for name in names:
-            opener = getattr(self, f"_open_{name}")
-            self._handles[name] = opener(cfg, run_name, config, state, resume_step)
-            self.names.append(name)
+        config = cfg.to_dict()  # without the Hub token
+        argv = sys.argv
+        sys.argv = scrubbed_argv(argv)  # wandb records the command line: not a --hub_token on it
+        try:
+            for name in names:
+                opener = getattr(self, f"_open_{name}")
+                self._handles[name] = opener(cfg, run_name, config, state, resume_step)
+                self.names.append(name)
+        except Exception:
+            self.finish(failed=True)
+            raise
+        finally:
+            sys.argv = argv
         if "wandb" in self._handles:
             state["wandb"] = {"id": self._handles["wandb"].id, "url": self.url}
             (self.output_dir / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
@@ -141,7 +151,9 @@ class Trackers:
     def _open_trackio(self, cfg, run_name, config, state, resume_step):
         import trackio
 
-        return trackio.init(project=cfg.project, name=run_name, config=config, resume="allow",
+        # a resume continues the run of its name; a fresh run with a used name is a new run (trackio's "never")
+        return trackio.init(project=cfg.project, name=run_name, config=config,
+                            resume="allow" if resume_step is not None else "never",
                             space_id=cfg.trackio_space_id or None, private=cfg.hub_private_repo, embed=False)
 
     def log(self, metrics: dict) -> None:
@@ -195,15 +207,18 @@ class Trackers:
                            "metrics.jsonl keeps every metric", name, type(err).__name__, err, name)
             self._handles.pop(name, None)
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
+        """Close every tracker; ``failed``: the run stopped on an error (wandb marks its run failed)."""
         for name, handle in list(self._handles.items()):
             try:
                 if name == "trackio":
                     import trackio
 
                     trackio.finish()  # also forgets the current run, so a next run in this process starts fresh
+                elif name == "wandb":
+                    handle.finish(exit_code=1 if failed else 0)
                 else:
-                    handle.close() if name == "tensorboard" else handle.finish()
+                    handle.close()
             except Exception as err:  # noqa: BLE001
                 logger.warning("report_to %s: closing failed (%s: %s)", name, type(err).__name__, err)
         self._handles.clear()

@@ -94,15 +94,15 @@ def train(
 
 def _train(run: Run) -> TrainResult:
     cfg, sizes = run.cfg, run.cfg.sizes
-    if cfg.resume_from_checkpoint:
-        state = resume(run)
-    else:
-        state = TrainState(eval_before=run_evaluation(run, 0) if cfg.eval_on_start else None)
-        stop_if_asked(run, state)
+    state = resume(run) if cfg.resume_from_checkpoint else TrainState()
     log = RunLog(run, resume_step=state.step if cfg.resume_from_checkpoint else None)
     try:
-        if state.eval_before is not None and not cfg.resume_from_checkpoint:
-            log.evaluation(eval_line(0, state.eval_before))
+        if not cfg.resume_from_checkpoint and cfg.eval_on_start:
+            state.eval_before = run_evaluation(run, 0)
+            if state.eval_before is not None:
+                log.evaluation(eval_line(0, state.eval_before))
+        if not cfg.resume_from_checkpoint:
+            stop_if_asked(run, state)
         train_loop(run, state, log)
         final = save(run, snapshot(run, state))  # the trained weights, before anything else can fail (None: sharded)
         eval_after = run_evaluation(run, sizes.max_steps)
@@ -116,11 +116,12 @@ def _train(run: Run) -> TrainResult:
             save_run_folder(run, summary, weights, checkpoint=final, tracker_url=log.tracker_url)
             if not cfg.save_steps and final is not None:  # no checkpoints asked for: the final write's insurance
                 drop_final_checkpoint(final)
-            if log.publisher is not None:
-                logger.info("pushed to %s", log.publisher.push_folder(run.output_dir))
-    finally:
-        log.close()
+    except BaseException:
+        log.close(failed=True)
+        raise
     run.accelerator.wait_for_everyone()  # the run folder is complete when train() returns, on every process
+    if log.publisher is not None:  # process 0, after the barrier: an hour-long upload keeps no process waiting
+        logger.info("pushed to %s", log.publisher.push_folder(run.output_dir))
     return TrainResult(run.output_dir, state.eval_before, eval_after, log.history, cfg)
 
 
