@@ -80,9 +80,11 @@ def test_model_card_quick_start_runs_as_written(tiny_model_dir, tmp_path):
     sources = SimpleNamespace(names=["grounding", "summary_length"], weights=[1.0, 0.5])
     hub_card = model_card(result.config, "someone/sft-policy", sources, None, "TL;DR: a prompt",
                           AutoTokenizer.from_pretrained(out), out, hub_repo="someone/rloo-tiny",
-                          tracker_url="https://wandb.ai/someone/huggingface/runs/abc123")
+                          tracker_links={"Weights & Biases": "https://wandb.ai/someone/huggingface/runs/abc123",
+                                         "Trackio": "https://huggingface.co/spaces/someone/trackio"})
     assert "base_model: someone/sft-policy" in hub_card and "# Model card for rloo-tiny" in hub_card
     assert "Visualize in Weights & Biases" in hub_card and "(https://wandb.ai/someone/huggingface/runs/abc123)" in hub_card
+    assert "[Visualize in Trackio](https://huggingface.co/spaces/someone/trackio)" in hub_card
     hub_code = re.search(r"```python\n(.*?)```", hub_card, re.S).group(1)
     assert "model='someone/rloo-tiny'" in hub_code and "Run it from the directory" not in hub_card
     snapshot = tmp_path / "hub" / "models--someone--rloo-tiny" / "snapshots" / ("0" * 40)  # the Hub cache's layout

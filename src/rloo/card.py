@@ -105,7 +105,7 @@ def reproduce_command(cfg, model_name: str, out: Path) -> str:
 
 
 def model_card(cfg, model_name: str, sources, summary: dict | None, example_prompt, tokenizer, out: Path,
-               hub_repo: str | None = None, plots: list[str] = (), tracker_url: str | None = None,
+               hub_repo: str | None = None, plots: list[str] = (), tracker_links: dict[str, str] | None = None,
                metrics: list[dict] = ()) -> str:
     label, base = model_label(model_name)
     dataset = cfg.dataset_name if not cfg.dataset_name.startswith("rloo:") else "trl-lib/tldr"
@@ -133,9 +133,12 @@ def model_card(cfg, model_name: str, sources, summary: dict | None, example_prom
         "```python", snippet.rstrip(), "```", "",
         "## Training procedure", "",
     ]
-    if tracker_url:
-        lines += [f'[<img src="https://raw.githubusercontent.com/wandb/assets/main/wandb-github-badge-28.svg" '
-                  f'alt="Visualize in Weights & Biases" width="150" height="24"/>]({tracker_url})', ""]
+    for tracker, url in (tracker_links or {}).items():  # as TRL's cards link their wandb run
+        if tracker == "Weights & Biases":
+            lines += [f'[<img src="https://raw.githubusercontent.com/wandb/assets/main/wandb-github-badge-28.svg" '
+                      f'alt="Visualize in Weights & Biases" width="150" height="24"/>]({url})', ""]
+        else:
+            lines += [f"[Visualize in {tracker}]({url})", ""]
     lines += [
         "This model was trained with RLOO, a method introduced in *Back to Basics: Revisiting REINFORCE-Style "
         "Optimization for Learning from Human Feedback in LLMs* (Ahmadian et al., ACL 2024): for each prompt, "

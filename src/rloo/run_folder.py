@@ -14,11 +14,11 @@ from rloo.models import restored_config
 
 
 def save_run_folder(run, summary: dict | None, state_dict: dict | None = None, checkpoint: Path | None = None,
-                    tracker_url: str | None = None) -> None:
+                    tracker_links: dict[str, str] | None = None) -> None:
     """Weights (safetensors), config, tokenizer, generation config, resolved YAML, eval.json, report.html with
     its plots, README.md, written whole or not at all (``write_final``). ``state_dict``: the policy's weights
     when gathered from shards (FSDP / ZeRO-3), else its own; ``checkpoint``: where the same weights are saved,
-    named if the write fails; ``tracker_url``: the tracker's run, linked from the card."""
+    named if the write fails; ``tracker_links``: the trackers' pages of the run, linked from the card."""
     cfg, out = run.cfg, run.output_dir
     model = run.accelerator.unwrap_model(run.policy)
     gen = model.generation_config
@@ -39,7 +39,7 @@ def save_run_folder(run, summary: dict | None, state_dict: dict | None = None, c
 
         plots = [str(path.relative_to(folder)) for path in write_report(out, folder)]
         card = model_card(cfg, run.model_name, run.sources, summary, example, run.tokenizer, out, hub_repo=run.hub_repo,
-                          plots=plots, tracker_url=tracker_url, metrics=_read_jsonl(out / "metrics.jsonl"))
+                          plots=plots, tracker_links=tracker_links or {}, metrics=_read_jsonl(out / "metrics.jsonl"))
         (folder / "README.md").write_text(card, encoding="utf-8")
 
     write_final(out, write, checkpoint)

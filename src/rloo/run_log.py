@@ -86,8 +86,8 @@ class RunLog:
             self.publisher.push_checkpoint(path, step)
 
     @property
-    def tracker_url(self) -> str | None:
-        return self.trackers.url if self.trackers is not None else None
+    def tracker_links(self) -> dict[str, str]:
+        return dict(self.trackers.links) if self.trackers is not None else {}
 
     def close(self, failed: bool = False) -> None:
         """Idempotent; ``failed``: the run stopped on an error."""

@@ -107,7 +107,8 @@ class Trackers:
     """The run's open trackers (main process only; an empty list elsewhere)."""
 
     def __init__(self, names: list[str], cfg, output_dir: Path, resume_step: int | None = None):
-        self.names, self.output_dir, self.url = [], Path(output_dir), None
+        self.names, self.output_dir = [], Path(output_dir)
+        self.links: dict[str, str] = {}  # tracker -> its run's page, for the model card
         self._handles: dict[str, object] = {}
         state = _read_state(self.output_dir) if resume_step is not None else {}
         run_name = cfg.run_name or self.output_dir.resolve().name
@@ -125,7 +126,7 @@ class Trackers:
         finally:
             sys.argv = argv
         if "wandb" in self._handles:
-            state["wandb"] = {"id": self._handles["wandb"].id, "url": self.url}
+            state["wandb"] = {"id": self._handles["wandb"].id, "url": self.links.get("Weights & Biases")}
             (self.output_dir / STATE_FILE).write_text(json.dumps(state), encoding="utf-8")
 
     def _open_tensorboard(self, cfg, run_name, config, state, resume_step):
@@ -145,12 +146,18 @@ class Trackers:
                          dir=str(self.output_dir), id=previous, resume="allow" if previous else None)
         run.define_metric("train/*", step_metric="train/global_step")
         run.define_metric("eval/*", step_metric="train/global_step")
-        self.url = run.url  # None offline
+        if run.url:  # None offline
+            self.links["Weights & Biases"] = run.url
         return run
 
     def _open_trackio(self, cfg, run_name, config, state, resume_step):
         import trackio
 
+        space = cfg.trackio_space_id or os.environ.get("TRACKIO_SPACE_ID")
+        if space:  # its dashboard (a bare name is in the user's namespace: trackio resolves it; the card links it)
+            from huggingface_hub import constants
+
+            self.links["Trackio"] = f"{constants.ENDPOINT}/spaces/{space}"
         # a resume continues the run of its name; a fresh run with a used name is a new run (trackio's "never")
         return trackio.init(project=cfg.project, name=run_name, config=config,
                             resume="allow" if resume_step is not None else "never",

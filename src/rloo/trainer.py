@@ -113,7 +113,7 @@ def _train(run: Run) -> TrainResult:
         weights = full_state_dict(run.accelerator, run.policy)  # gathered from the shards by every process
         log.close()  # the trackers' runs end; their link goes in the card
         if run.accelerator.is_main_process:  # phase 6
-            save_run_folder(run, summary, weights, checkpoint=final, tracker_url=log.tracker_url)
+            save_run_folder(run, summary, weights, checkpoint=final, tracker_links=log.tracker_links)
             if not cfg.save_steps and final is not None:  # no checkpoints asked for: the final write's insurance
                 drop_final_checkpoint(final)
     except BaseException:
