@@ -67,6 +67,15 @@ def rewards_of(run: Path) -> list[dict]:
     return [{k: line[k] for k in keys} for line in lines if "eval/reward" not in line]
 
 
+def tensorboard_rewards(run: Path) -> list[tuple[int, float]]:
+    """train/reward at each step, from the run's one TensorBoard events file (TensorBoard's own reader)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((run / "runs").glob("events.out.tfevents.*"))
+    assert len(files) == 1, files  # one process wrote it
+    return [(e.step, e.value) for e in EventAccumulator(str(files[0])).Reload().Scalars("train/reward")]
+
+
 def completions_of(run: Path) -> list[tuple]:
     """Every logged completion as (step, prompt, completion), in a fixed order (processes gather by rank)."""
     rows = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
@@ -83,12 +92,13 @@ def max_difference(a: Path, b: Path) -> float:
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path, normalize):
     """normalize_advantages: over the step's whole batch, whatever the layout."""
     evaluation = dict(num_eval_samples=7) if normalize else {}  # held-out prompts split 4 + 3 over the processes
+    logging = dict(report_to=["tensorboard"], log_completions=True)  # only process 0 logs
     one = train(tiny_config(tiny_model_dir, tmp_path / "one", per_device_train_batch_size=8,
-                            normalize_advantages=normalize, **{**COMMON, **evaluation})).output_dir
+                            normalize_advantages=normalize, **{**COMMON, **evaluation, **logging})).output_dir
     two = tmp_path / "two"
     # 2 processes x 2 micro-batches (gradients averaged across processes after the second) x 1 group
     torchrun(2, tiny_model_dir, two, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-             normalize_advantages=normalize, **evaluation)
+             normalize_advantages=normalize, **evaluation, **logging)
     assert max_difference(one, two) <= 1e-5
     for a, b in zip(rewards_of(one), rewards_of(two), strict=True):  # 3 lines each: written once
         assert a.keys() == b.keys()
@@ -96,6 +106,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_d
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
     assert completions_of(one) == completions_of(two)  # every process's completions, gathered once
+    (steps_one, rewards_one), (steps_two, rewards_two) = (zip(*tensorboard_rewards(run)) for run in (one, two))
+    assert steps_one == steps_two == (1, 2, 3) and rewards_one == pytest.approx(rewards_two, abs=1e-6)
     if evaluation:
         a, b = (json.loads((run / "eval.json").read_text()) for run in (one, two))
         assert b["num_prompts"] == 7 and a["samples"] == b["samples"]  # the texts gathered from both shares
