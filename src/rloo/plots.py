@@ -9,6 +9,7 @@ on the first drawing, so ``rloo.report`` imports cheaply.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -65,11 +66,20 @@ def series_by_key(rows: dict[int, dict]) -> dict[str, Series]:
     steps_N = np.fromiter(rows, dtype=np.float64, count=len(rows))
     found = {}
     # Key by key over all rows (one list comprehension each): a 100k-step run reads in a fraction of a second.
-    for key in set().union(*rows.values()) - {"step"}:
+    lines = list(rows.values())
+    for key in set().union(*lines) - {"step"}:
+        column = list(map(dict.get, lines, itertools.repeat(key)))  # map: C speed, 100k lines in milliseconds
         try:
-            values_N = np.array([v if type(v := row.get(key)) in (float, int) else math.nan for row in rows.values()],
-                                dtype=np.float64)
-        except OverflowError:  # an integer beyond float64: not a metric to plot
+            types = list(map(type, column))
+            if types.count(bool) or types.count(str):
+                raise TypeError  # a flag or a text (numpy would convert "0.5"): the careful path below
+            values_N = np.array(column, dtype=np.float64)  # every value a number: numpy converts at C speed
+        except (TypeError, ValueError):  # a null, a text, a flag: each value checked
+            try:
+                values_N = np.array([v if type(v) in (float, int) else math.nan for v in column], dtype=np.float64)
+            except OverflowError:  # an integer beyond float64: not a metric to plot
+                continue
+        except OverflowError:
             continue
         # Beyond 1e200 (a diverged run) the axis arithmetic overflows: such a value is left out like a NaN.
         finite_N = np.abs(values_N) < 1e200

@@ -14,6 +14,8 @@ import json
 import os
 from pathlib import Path
 
+import orjson
+
 from rloo.plots import PLOTS, Series, draw_plots, series_by_key, smoothing_window
 
 PLOT_FILES = tuple(f"plots/{stem}.png" for stem in PLOTS)  # every PNG write_report may write, relative to dest
@@ -53,14 +55,18 @@ def read_metrics(path: Path) -> tuple[dict[int, dict], dict[int, dict]]:
                 # The substring test first: any() over every training line's keys is a second on 100k lines.
                 is_eval = '"eval/' in line and any(key.startswith("eval/") for key in row)
                 (evals if is_eval else train)[step] = row
-    return dict(sorted(train.items())), dict(sorted(evals.items()))
+    ascending = lambda rows: rows if all(a < b for a, b in zip(rows, list(rows)[1:])) else dict(sorted(rows.items()))  # noqa: E731
+    return ascending(train), ascending(evals)
 
 
 def json_object(line: str | bytes) -> dict | None:
     try:
-        row = json.loads(line)
-    except ValueError:
-        return None
+        row = orjson.loads(line)  # 3x json's speed: a 100k-step file is mostly parsing
+    except orjson.JSONDecodeError:
+        try:
+            row = json.loads(line)  # what orjson refuses and json reads: NaN, integers beyond 64 bits
+        except ValueError:
+            return None
     return row if isinstance(row, dict) else None
 
 
