@@ -13,7 +13,8 @@ from rloo.config import RLOOConfig, load_config, preset_names
 FIELD_NAMES = [
     # model
     "model_name_or_path", "torch_dtype", "model_init_kwargs", "attn_implementation", "model_revision",
-    "trust_remote_code", "disable_dropout", "router_aux_loss_coef",
+    "trust_remote_code", "disable_dropout", "router_aux_loss_coef", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
+    "lora_target_modules", "lora_modules_to_save", "lora_task_type",
     # data
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_eval_split", "shuffle_dataset",
     "max_prompt_length", "chat_template_kwargs", "remove_unused_columns", "num_eval_samples",

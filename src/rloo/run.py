@@ -15,6 +15,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
+from rloo.adapters import add_adapters
 from rloo.checkpoint import resolve_resume_path
 from rloo.config import RLOOConfig
 from rloo.data import PromptSampler, load_prompt_dataset
@@ -85,7 +86,7 @@ def sync_generator(run: Run) -> None:
 
 
 def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_dataset,
-          reward_processing_classes=None) -> Run:
+          reward_processing_classes=None, peft_config=None) -> Run:
     """Validate, then load data, policy, reference, rewards and the optimizer (cheap checks first)."""
     if rewards is not None:
         rewards = list(rewards) if isinstance(rewards, (list, tuple)) else [rewards]  # TRL: one or a list
@@ -117,7 +118,7 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     output_dir, lock, trackers, hub_repo = claim_output_dir(cfg, accelerator)  # before anything is loaded or written
     try:
         run = _build(cfg, accelerator, output_dir, lock, model, tokenizer, rewards, train_dataset, eval_dataset,
-                     reward_processing_classes)
+                     reward_processing_classes, peft_config)
         run.model_name, run.trackers, run.hub_repo = model_name, trackers, hub_repo
         return run
     except BaseException:
@@ -169,13 +170,20 @@ def refuse_inputs_inside(cfg: RLOOConfig, output_dir: Path) -> None:
 
 
 def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, model, tokenizer, rewards,
-           train_dataset, eval_dataset, reward_processing_classes) -> Run:
+           train_dataset, eval_dataset, reward_processing_classes, peft_config=None) -> Run:
     train_dataset, eval_dataset = load_datasets(cfg, train_dataset, eval_dataset)
     if cfg.eval_strategy == "steps" and (eval_dataset is None or cfg.num_eval_samples == 0):
         raise ValueError("eval_strategy steps: the run has no held-out prompts (num_eval_samples 0, or a training "
                          "dataset without an eval split); give eval_dataset / dataset_eval_split, or eval_strategy no")
     sizes = cfg.resolve(accelerator.num_processes, len(train_dataset))
     policy, tokenizer, start_model, dropout = load_model(cfg, model, tokenizer)
+    torch.manual_seed(cfg.seed)  # LoRA's random A matrices: the same every run of this seed (set_seed follows)
+    adapters = add_adapters(policy, cfg, peft_config)  # LoRA: the reference is the base, adapters off
+    if adapters and strategy(accelerator) not in ("single", "ddp"):
+        raise ValueError("use_peft: LoRA runs on one process or DDP for now, not under FSDP / DeepSpeed")
+    if adapters and cfg.use_vllm:
+        raise ValueError("use_peft with use_vllm: not available yet (vLLM would need the merged weights after each "
+                         "update); use the transformers backend (use_vllm false)")
     precision = resolve_precision(cfg, accelerator.mixed_precision, next(policy.parameters()).dtype,
                                   casts_parameters=strategy(accelerator) != "single" and strategy(accelerator) != "ddp")
     aux_loss_coef = router_aux_loss_coef(policy, cfg.router_aux_loss_coef)
@@ -183,11 +191,11 @@ def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, mo
     # a reward model is placed after the policy (prepare_frozen), in the compute dtype
     sources = load_rewards(cfg, rewards, tokenizer, precision.compute or precision.weights, reward_processing_classes)
     reference = None
-    if cfg.beta > 0:  # copied before the policy is upcast or sharded
+    if cfg.beta > 0 and not adapters:  # copied before the policy is upcast or sharded
         reference = frozen_copy(policy).to(precision.frozen)
     policy.to(precision.weights)
     warn_if_updates_vanish(policy, cfg.learning_rate, precision)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                                   fused=cfg.optim == "adamw_torch_fused" or None)
     scheduler = build_scheduler(cfg, optimizer, sizes.max_steps)

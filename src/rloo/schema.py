@@ -48,6 +48,18 @@ class ModelArgs:
         None, "Mixture-of-experts policies: weight of the router load-balancing loss added to the policy loss; None: "
         "the model config's router_aux_loss_coef; 0 turns it off.",
     )
+    use_peft: bool = arg(
+        False, "Train LoRA adapters instead of the whole policy (TRL's name; peft). The reference policy is the "
+        "base model, the adapters turned off: no second copy of its weights. The run folder holds the adapter."
+    )
+    lora_r: int = arg(16, "LoRA rank (TRL's name and default).")
+    lora_alpha: int = arg(32, "LoRA alpha (TRL's name and default).")
+    lora_dropout: float = arg(0.05, "LoRA dropout (TRL's default; disable_dropout, on by default, turns it off).")
+    lora_target_modules: list[str] | None = arg(
+        None, "Modules that get adapters; None: the ones PEFT knows for the architecture; all-linear: every linear layer."
+    )
+    lora_modules_to_save: list[str] | None = arg(None, "Modules trained whole beside the adapters (TRL's name).")
+    lora_task_type: str = arg("CAUSAL_LM", "PEFT's task type (TRL's name and default).")
 
 
 @dataclass

@@ -181,6 +181,13 @@ def validate(cfg) -> None:
          f"eval_steps must be a whole number of steps, a fraction of max_steps in (0, 1), or None; got {cfg.eval_steps}"),
         (cfg.num_completions_to_print is None or cfg.num_completions_to_print >= 0,
          "num_completions_to_print must be >= 0 or None (all)"),
+        (not (cfg.use_peft and cfg.use_vllm),
+         "use_peft with use_vllm: not available yet (vLLM would need the merged weights after each update); use the "
+         "transformers backend (use_vllm false)"),
+        (not cfg.use_peft or importlib.util.find_spec("peft") is not None,
+         "use_peft: the peft package is not installed; pip install 'rloo[peft]'"),
+        (cfg.lora_r >= 1 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
+         "lora_r must be >= 1, lora_alpha > 0 and lora_dropout in [0, 1)"),
         (cfg.hub_strategy in ("end", "every_save"),
          f"hub_strategy must be end or every_save, got {cfg.hub_strategy!r}"),
         (cfg.save_strategy in ("steps", "no"),

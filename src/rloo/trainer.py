@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from rloo.adapters import adapters_off, has_adapters
 from rloo.checkpoint import TrainState, committed_checkpoints
 from rloo.config import RLOOConfig
 from rloo.data import gather_rows, render_prompt, tokenize_prompts
@@ -66,6 +67,7 @@ def train(
     train_dataset: Any = None,
     eval_dataset: Any = None,
     reward_processing_classes: Any = None,
+    peft_config: Any = None,
 ) -> TrainResult:
     """Fine-tune a causal LM with RLOO; TRL's ``RLOOTrainer(model, reward_funcs, args, train_dataset, ...)``
     maps to ``train(args, model=..., rewards=..., train_dataset=...)``.
@@ -73,14 +75,15 @@ def train(
     ``config``: an RLOOConfig (default: the library defaults, TRL's where TRL has the field). ``model``,
     ``rewards`` and the datasets override the config's names; ``rewards`` is one source or a list, each a
     callable with TRL's reward contract (``rloo.rewards``), a spec string, or a sequence-classification
-    model (its tokenizer in ``reward_processing_classes``, aligned with ``rewards``, TRL's name).
+    model (its tokenizer in ``reward_processing_classes``, aligned with ``rewards``, TRL's name). ``peft_config``
+    (a ``peft.LoraConfig``, TRL's name) or ``use_peft`` trains LoRA adapters, the base model as the reference.
 
     Checkpoints every ``save_steps`` (checkpoint.py); ``resume_from_checkpoint`` continues a run
     bit-identically. SIGINT / SIGTERM finish the step, write a checkpoint and raise TrainingInterrupted;
     a reward function that raises, or ``max_nonfinite_steps`` skipped steps in a row, write a checkpoint
     of the state before the failing step and raise."""
     cfg = copy.deepcopy(config) if config is not None else RLOOConfig()
-    run = setup(cfg, model, tokenizer, rewards, train_dataset, eval_dataset, reward_processing_classes)
+    run = setup(cfg, model, tokenizer, rewards, train_dataset, eval_dataset, reward_processing_classes, peft_config)
     try:
         with stop_on_signals(run):
             return _train(run)
@@ -237,6 +240,10 @@ def make_rollout(run: Run, step: int, timings: dict, logged: dict) -> Rollout:
         if run.reference is not None:  # phase 3
             with timed(timings, "reference"):
                 add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_pass, "ref_logprobs_BT",
+                             cfg.share_prompt_prefix)
+        elif cfg.beta > 0 and has_adapters(run.policy):  # LoRA: the reference is the base model, adapters off
+            with timed(timings, "reference"), adapters_off(run.policy) as base:
+                add_logprobs(rollout, base, cfg.temperature, sizes.num_prompts_per_pass, "ref_logprobs_BT",
                              cfg.share_prompt_prefix)
         advantages, old_logprobs = upfront(cfg, sizes)
         if old_logprobs:
