@@ -9,6 +9,7 @@ strategy itself.
   once for a whole generation batch, instead of layer by layer at every decoded token.
 - ``lockstep(accelerator, gather)``: where weights are not gathered, every process decodes until all are done.
 - ``full_state_dict(accelerator, model)``: every weight, on process 0, for the run folder.
+- ``raise_on_every_process(accelerator, failure, elsewhere)``: one process's failure stops them all.
 
 The policy itself is sharded by ``accelerator.prepare`` (accelerate's own FSDP2 / DeepSpeed code).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import logging
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -188,3 +190,15 @@ def all_processes_done(done_here: bool, device: torch.device) -> bool:
     flag = torch.tensor([0 if done_here else 1], device=device)
     torch.distributed.all_reduce(flag)
     return flag.item() == 0
+
+
+def raise_on_every_process(accelerator: Accelerator, failure: BaseException | None,
+                           elsewhere: Callable[[], BaseException]) -> None:
+    """Raise ``failure`` here, or ``elsewhere()`` when another process failed (one all-reduce), so that no
+    process is left waiting in a collective its failed peer never reaches."""
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([failure is not None], dtype=torch.int32, device=accelerator.device)
+        if accelerator.reduce(flag, "max").item() and failure is None:
+            failure = elsewhere()
+    if failure is not None:
+        raise failure

@@ -32,7 +32,7 @@ from rloo.checkpoint import (
     save_reference,
     verify,
 )
-from rloo.distributed import checkpointable
+from rloo.distributed import checkpointable, raise_on_every_process
 from rloo.errors import CheckpointError
 from rloo.rollout import Rollout
 from rloo.run import Run
@@ -72,12 +72,9 @@ def save(run: Run, state: TrainState) -> Path | None:
             logger.info("checkpoint %s", path)
         except CheckpointError as err:
             error = err
-    if run.accelerator.num_processes > 1:  # everyone learns whether process 0's save worked (and waits for it)
-        flag = torch.tensor([error is not None], dtype=torch.int32, device=run.accelerator.device)
-        if run.accelerator.reduce(flag, "max").item() and error is None:
-            error = CheckpointError("process 0 could not write the checkpoint (its message is there)")
-    if error is not None:
-        raise error
+    # everyone learns whether process 0's save worked (and waits for it)
+    raise_on_every_process(run.accelerator, error,
+                           lambda: CheckpointError("process 0 could not write the checkpoint (its message is there)"))
     return path if path is not None else checkpoints_dir(run.output_dir) / f"step-{state.step:06d}"
 
 
@@ -128,12 +125,8 @@ def resume(run: Run) -> TrainState:
             verify(path.parent / REFERENCE, hashes=run.accelerator.is_main_process)
     except CheckpointError as err:
         failure = err
-    if run.accelerator.num_processes > 1:  # one process's refusal stops them all
-        flag = torch.tensor([failure is not None], dtype=torch.int32, device=run.accelerator.device)
-        if run.accelerator.reduce(flag, "max").item() and failure is None:
-            failure = CheckpointError(f"cannot resume from {path}: process 0 found it damaged (its message is there)")
-    if failure is not None:
-        raise failure
+    raise_on_every_process(run.accelerator, failure, lambda: CheckpointError(
+        f"cannot resume from {path}: process 0 found it damaged (its message is there)"))
     now = fingerprint(run)
     saved = meta.get("fingerprint", {})
     # Checkpoints from before these keys: one generation per step, the weights in torch_dtype, no autocast.

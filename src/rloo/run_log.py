@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from rloo.distributed import raise_on_every_process
 from rloo.errors import TrackerError
 from rloo.metrics import MetricsWriter
 from rloo.report import prompt_text
@@ -41,14 +42,14 @@ class RunLog:
             try:
                 self.trackers = Trackers(run.trackers, cfg, out, resume_step)
             except Exception as err:  # noqa: BLE001 - raised below, on every process
-                failure = f"report_to: opening a tracker failed ({type(err).__name__}: {' '.join(str(err).split())[:300]})"
-        if run.accelerator.num_processes > 1:  # the others learn of it rather than wait in the first collective
-            shared = [failure]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            failure = shared[0]
-        if failure is not None:
+                failure = TrackerError(f"report_to: opening a tracker failed ({type(err).__name__}: "
+                                       f"{' '.join(str(err).split())[:300]})")
+        try:
+            raise_on_every_process(run.accelerator, failure, lambda: TrackerError(
+                "report_to: opening a tracker failed on process 0 (its message is there)"))
+        except TrackerError:
             self.close(failed=True)
-            raise TrackerError(failure)
+            raise
         if main and run.hub_repo is not None:
             from rloo.publish import Publisher
 

@@ -27,7 +27,7 @@ from rloo.adapters import adapters_off, has_adapters
 from rloo.checkpoint import TrainState, committed_checkpoints
 from rloo.config import RLOOConfig
 from rloo.data import gather_rows, render_prompt, tokenize_prompts
-from rloo.distributed import full_state_dict, gathered_for_generation
+from rloo.distributed import full_state_dict, gathered_for_generation, raise_on_every_process
 from rloo.errors import (
     GenerationServerError,
     NonFiniteTrainingError,
@@ -285,12 +285,8 @@ def score_rollout(run: Run, rollout: Rollout, step: int) -> dict[str, float]:
         score(rollout, run.sources, cfg.missing_eos_penalty, cfg.reward_errors, errors, shared)
     except RewardFunctionError as err:
         failure = err
-    if run.accelerator.num_processes > 1:  # one process's failure stops them all (no one left waiting)
-        flag = torch.tensor([failure is not None], dtype=torch.int32, device=run.accelerator.device)
-        if run.accelerator.reduce(flag, "max").item() and failure is None:
-            failure = RewardFunctionError("a reward function raised on another process (its message is there)")
-    if failure is not None:
-        raise failure
+    raise_on_every_process(run.accelerator, failure, lambda: RewardFunctionError(
+        "a reward function raised on another process (its message is there)"))
     for line in errors:
         logger.warning("step %d: %s", step, line)
     run.counters["num_reward_errors"] += len(errors)
@@ -360,10 +356,6 @@ def sample_rollout(run: Run, rows: list[int], step: int) -> Rollout:
                              raw_prompts=prompts)
     except GenerationServerError as err:
         failure = err
-    if run.accelerator.num_processes > 1:  # one process's lost server stops them all (no one left waiting)
-        flag = torch.tensor([failure is not None], dtype=torch.int32, device=run.accelerator.device)
-        if run.accelerator.reduce(flag, "max").item() and failure is None:
-            failure = GenerationServerError("the generation server failed on another process (its message is there)")
-    if failure is not None:
-        raise failure
+    raise_on_every_process(run.accelerator, failure, lambda: GenerationServerError(
+        "the generation server failed on another process (its message is there)"))
     return rollout
