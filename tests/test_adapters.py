@@ -4,6 +4,8 @@ the run folder holds them, and a stopped run resumes bit-identically."""
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rloo import RLOOConfig, train
+from rloo import train
 from rloo.adapters import adapters_off, has_adapters
 from rloo.checkpoint import committed_checkpoints
 from rloo.errors import TrainingInterrupted
@@ -68,6 +70,8 @@ def test_a_lora_run_trains_only_its_adapters_saves_them_and_resumes_exactly(tiny
     assert adapter and all("lora_" in key for key in adapter) and (out / "adapter_config.json").is_file()
     assert not (out / "model.safetensors").exists()  # the folder holds the adapter, not a second copy of the base
     assert full.metrics[-1]["kl"] != 0.0  # the policy moved away from its base, the reference
+    assert all(m["sampling_logprob_gap"] < 1e-6 for m in full.metrics)  # lora_dropout off too (disable_dropout)
+    assert json.loads((out / "adapter_config.json").read_text())["lora_dropout"] == 0.05  # the user's rate, kept
     trained = AutoModelForCausalLM.from_pretrained(out).eval()  # transformers loads the base and the adapter
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     ids = torch.randint(2, 500, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -81,16 +85,42 @@ def test_a_lora_run_trains_only_its_adapters_saves_them_and_resumes_exactly(tiny
     assert committed_checkpoints(part)[-1].name == "step-000001"
     train(tiny_config(tiny_model_dir, part, resume_from_checkpoint="latest", **settings),
           rewards=["grounding", StopAt(None)])
+    checkpoint = committed_checkpoints(part)[-1]  # the adapter and its optimizer, not the base weights
+    assert (checkpoint / "adapter.safetensors").is_file() and not (checkpoint / "model.safetensors").exists()
     resumed = load_file(part / "adapter_model.safetensors")
     assert resumed.keys() == adapter.keys() and all(torch.equal(resumed[k], adapter[k]) for k in adapter)
 
 
+def test_merge_adapter_writes_the_merged_model_beside_its_adapter_and_both_quick_starts_run(tiny_model_dir, tmp_path,
+                                                                                            monkeypatch, capsys):
+    settings = dict(use_peft=True, lora_r=4, learning_rate=5e-2, max_steps=1, num_eval_samples=0, reward_weights=None)
+    adapter_run = train(tiny_config(tiny_model_dir, tmp_path / "adapter-run", **settings),
+                        rewards=["grounding", StopAt(None)]).output_dir
+    merged_run = train(tiny_config(tiny_model_dir, tmp_path / "merged-run", merge_adapter=True, **settings),
+                       rewards=["grounding", StopAt(None)]).output_dir
+    assert (merged_run / "model.safetensors").is_file() and not (merged_run / "adapter_config.json").exists()
+    assert (merged_run / "adapter" / "adapter_model.safetensors").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(merged_run).eval()  # a plain model: no peft needed
+    assert merged.state_dict().keys() == AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict().keys()
+    on_base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    on_base.load_adapter(str(merged_run / "adapter"))
+    ids = torch.randint(2, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (merged(ids).logits - on_base.eval()(ids).logits).abs().max() <= 1e-5  # W + B A, merged
+    monkeypatch.chdir(tmp_path)  # each card's quick start, as written, from the folder that holds the run
+    for out in (adapter_run, merged_run):
+        exec(re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1), {})
+        assert capsys.readouterr().out.strip()
+
+
 @pytest.mark.parametrize("overrides, message", [
-    ({"use_peft": True, "use_vllm": True}, "^use_peft with use_vllm: not available yet"),
+    ({"use_peft": True, "push_to_hub": True, "hub_model_id": "someone/adapter"},
+     "^push_to_hub with use_peft: the adapter's base '.*' is not a Hub model"),
+    pytest.param({"load_in_4bit": True}, "^load_in_4bit: quantized base weights need a CUDA GPU and the bitsandbytes",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="QLoRA runs here: test_gpu.py")),
+    ({"load_in_4bit": True, "load_in_8bit": True}, "^load_in_4bit and load_in_8bit: choose one of them"),
     ({"use_peft": True, "lora_r": 0}, "^lora_r must be >= 1"),
 ])
 def test_lora_settings_rloo_cannot_run_are_one_line(tiny_model_dir, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         train(tiny_config(tiny_model_dir, tmp_path / "run", **overrides))
-    with pytest.raises(ValueError, match="^config field 'load_in_4bit': QLoRA"):
-        RLOOConfig(load_in_4bit=True)

@@ -27,7 +27,8 @@ from rloo import RLOOConfig, train
 from rloo.architecture import RouterLogits, architecture
 from rloo.data import BUNDLED_DATASETS, left_pad, right_pad
 from rloo.generation.hf import HFGenerator, sample_categorical
-from rloo.logprobs import completion_logprobs, prompt_sharing
+from rloo.checkpointing import enable_gradient_checkpointing
+from rloo.logprobs import completion_logprobs, pass_layout, prompt_sharing
 from rloo.models import disable_dropout
 
 EOS, PAD = 0, 1
@@ -207,3 +208,35 @@ def test_shared_prompt_gradients_equal_the_repeated_prompts(name, tiny_tokenizer
             continue
         bound = 1e-4 * repeated.abs().max().item() + 1e-7
         assert (shared - repeated).abs().max().item() <= bound, f"{name} ({prompt_sharing(model)}): {param_name}"
+
+
+@pytest.mark.parametrize("name", ["gpt_neox", "llama", "qwen3_moe", "mistral", "gemma2", "bloom", "gpt2", "falcon_alibi",
+                                  "mamba2", "bamba", "qwen3_next", "lfm2"])
+def test_gradient_checkpointing_keeps_the_shared_prompt(name, tiny_tokenizer, prompts):
+    """With gradient checkpointing on, the training pass still shares the prompt (each layer's replay in backward
+    runs against the cache as its first run found it), and its log-probs (1e-5) and gradients (1e-4 of the
+    tensor's largest element, float32 floor 1e-7) equal the plain pass with the prompt repeated."""
+    model = build(name, tiny_tokenizer)
+    disable_dropout(model)
+    model.train()
+    completions = [[5, 6, 7, 8], [9, 10], [11], [12, 13, 14, 15, 16], [17, 18, 19], [20, 21]]
+    batch = (*left_pad(prompts, PAD), *right_pad(completions, PAD))
+    weights_BT = torch.linspace(-1.0, 2.0, batch[2].numel()).view_as(batch[2])
+    params = [p for p in model.parameters() if p.requires_grad]
+    repeated_BT, _ = completion_logprobs(model, *batch, share_prompt=False)
+    repeated = torch.autograd.grad((repeated_BT * weights_BT).sum(), params, allow_unused=True)
+    num_columns = batch[0].shape[1] + batch[2].shape[1]
+    plain_layout = pass_layout(model, True, 2, num_columns)
+    enable_gradient_checkpointing(model)
+    assert model.is_gradient_checkpointing
+    layout = pass_layout(model, True, 2, num_columns)
+    assert layout == plain_layout != "repeat"
+    checkpointed_BT, _ = completion_logprobs(model, *batch, share_prompt=True)
+    checkpointed = torch.autograd.grad((checkpointed_BT * weights_BT).sum(), params, allow_unused=True)
+    assert (checkpointed_BT - repeated_BT).abs().max().item() <= 1e-5, f"{name} ({layout})"
+    for (param_name, _), got, want in zip(model.named_parameters(), checkpointed, repeated):
+        if want is None:
+            assert got is None or got.abs().max() == 0, param_name
+            continue
+        bound = 1e-4 * want.abs().max().item() + 1e-7
+        assert (got - want).abs().max().item() <= bound, f"{name} ({layout}): {param_name}"

@@ -14,7 +14,8 @@ FIELD_NAMES = [
     # model
     "model_name_or_path", "torch_dtype", "model_init_kwargs", "attn_implementation", "model_revision",
     "trust_remote_code", "disable_dropout", "router_aux_loss_coef", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "lora_modules_to_save", "lora_task_type",
+    "lora_target_modules", "lora_modules_to_save", "lora_task_type", "load_in_4bit", "load_in_8bit",
+    "bnb_4bit_quant_type", "use_bnb_nested_quant", "bnb_4bit_quant_storage", "merge_adapter",
     # data
     "dataset_name", "dataset_config", "dataset_train_split", "dataset_eval_split", "shuffle_dataset",
     "max_prompt_length", "chat_template_kwargs", "remove_unused_columns", "num_eval_samples",
@@ -32,7 +33,7 @@ FIELD_NAMES = [
     "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "optim",
     "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_steps", "num_train_epochs", "seed", "bf16", "fp16", "pure_low_precision",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "gradient_checkpointing_kwargs",
     # run
     "output_dir", "overwrite_output_dir", "logging_steps", "disable_tqdm", "save_steps", "save_strategy", "save_total_limit", "resume_from_checkpoint",
     "resume_ignore_mismatch", "reward_errors", "reward_timeout", "undo_nonfinite_updates", "max_nonfinite_steps",
@@ -397,7 +398,7 @@ def test_trl_python_and_yaml_forms_are_read_as_data(tmp_path):
     assert cfg.eval_strategy == "no" and cfg.save_steps == 0 and cfg.origins["save_steps"] == "save_strategy"
 
 
-@pytest.mark.parametrize("key", ["gradient_checkpointing_kwargs", "per_device_eval_batch_size", "use_liger_kernel"])
+@pytest.mark.parametrize("key", ["per_device_eval_batch_size", "use_liger_kernel"])
 def test_common_trl_fields_rloo_lacks_are_refused_with_what_to_do(key):
     with pytest.raises(ValueError, match=f"^config field '{key}': "):
         RLOOConfig(**{key: 1})

@@ -83,22 +83,28 @@ def completions_of(run: Path) -> list[tuple]:
 
 
 def max_difference(a: Path, b: Path) -> float:
-    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    name = "adapter_model.safetensors" if (a / "adapter_model.safetensors").is_file() else "model.safetensors"
+    x, y = load_file(a / name), load_file(b / name)
     assert x.keys() == y.keys()
     return max((x[k] - y[k]).abs().max().item() for k in x)
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path, normalize):
+# The second variant also trains LoRA adapters (one adapter over the processes, DDP averaging its gradients) with
+# gradient checkpointing on (each process's layers replay against its own prompts' cache).
+LORA = dict(use_peft=True, lora_r=4, learning_rate=5e-2, gradient_checkpointing=True)
+
+
+@pytest.mark.parametrize("normalize, variant", [(False, {}), (True, LORA)], ids=["plain", "normalized-lora-checkpointed"])
+def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_model_dir, tmp_path, normalize, variant):
     """normalize_advantages: over the step's whole batch, whatever the layout."""
     evaluation = dict(num_eval_samples=7) if normalize else {}  # held-out prompts split 4 + 3 over the processes
     logging = dict(report_to=["tensorboard"], log_completions=True)  # only process 0 logs
     one = train(tiny_config(tiny_model_dir, tmp_path / "one", per_device_train_batch_size=8,
-                            normalize_advantages=normalize, **{**COMMON, **evaluation, **logging})).output_dir
+                            normalize_advantages=normalize, **{**COMMON, **evaluation, **logging, **variant})).output_dir
     two = tmp_path / "two"
     # 2 processes x 2 micro-batches (gradients averaged across processes after the second) x 1 group
     torchrun(2, tiny_model_dir, two, per_device_train_batch_size=2, gradient_accumulation_steps=2,
-             normalize_advantages=normalize, **evaluation, **logging)
+             normalize_advantages=normalize, **evaluation, **logging, **variant)
     assert max_difference(one, two) <= 1e-5
     for a, b in zip(rewards_of(one), rewards_of(two), strict=True):  # 3 lines each: written once
         assert a.keys() == b.keys()

@@ -186,3 +186,37 @@ def test_fp16_resume_is_exact_on_gpu(tiny_model_dir, tmp_path):
                     rewards=["grounding", StopAt(None)]).output_dir
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("bits", ["load_in_4bit", "load_in_8bit"])
+def test_qlora_trains_adapters_on_a_quantized_base(tiny_tokenizer, tmp_path, bits):
+    """QLoRA (TRL's fields): the base loads quantized through bitsandbytes, only the adapters train, the reference
+    is the quantized base with its adapters off (the KL starts at 0), and the run folder holds the adapter."""
+    pytest.importorskip("bitsandbytes")
+    from architectures import tiny_config as architecture_config
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    from test_train_e2e import tiny_config
+
+    from rloo import train
+    from rloo.run import setup
+
+    folder = tmp_path / "llama"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(architecture_config("llama"), dtype=torch.bfloat16).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    settings = dict(use_peft=True, lora_r=8, torch_dtype="bfloat16", bf16=True, num_eval_samples=0, learning_rate=1e-3,
+                    **{bits: True})
+    run = setup(tiny_config(folder, tmp_path / "probe", **settings), None, None, None, None, None)
+    try:
+        policy = run.accelerator.unwrap_model(run.policy)
+        quantized = [m for m in policy.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt")]
+        assert quantized and run.reference is None
+        assert all(p.requires_grad == ("lora_" in n) for n, p in policy.named_parameters())
+    finally:
+        run.generator.close()
+        run.lock.release()
+    result = train(tiny_config(folder, tmp_path / "run", **settings))
+    assert abs(result.metrics[0]["kl"]) < 1e-3 and all(m["memory/update"] > 0 for m in result.metrics)
+    adapter = load_file(result.output_dir / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter)

@@ -42,7 +42,7 @@ def cfg_for(model_dir: Path, out: Path | None, **overrides):
 
 def metrics_of(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k not in CLOCK_KEYS and not k.startswith("time/")}
+    return [{k: v for k, v in json.loads(line).items() if k not in CLOCK_KEYS and not k.startswith(("time/", "memory/"))}
             for line in lines]
 
 

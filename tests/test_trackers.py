@@ -171,7 +171,7 @@ def test_periodic_evaluation_changes_no_training_figure(tiny_model_dir, tmp_path
     result, _ = tracked_run
     plain = train(tiny_config(tiny_model_dir, tmp_path / "plain", max_steps=MAX_STEPS))
     clock = ("step_seconds", "episodes_per_s")
-    strip = lambda m: {k: v for k, v in m.items() if k not in clock and not k.startswith("time/")}  # noqa: E731
+    strip = lambda m: {k: v for k, v in m.items() if k not in clock and not k.startswith(("time/", "memory/"))}  # noqa: E731
     assert [strip(m) for m in metric_lines(plain.output_dir)[0]] == [strip(m) for m in metric_lines(result.output_dir)[0]]
 
 

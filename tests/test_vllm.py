@@ -5,8 +5,8 @@ process would patch transformers' GPTNeoX classes for the tests after it.
 - tests/vllm_worker.py: a colocated engine against the transformers backend and the training model's
   log-probs: greedy completions equal, temperature / top-k / top-p / max tokens / seeds meaning the
   same, and after a weight push the completions and log-probs of the new weights (not the old ones);
-- a short tldr-tiny run with --use_vllm true (colocated) learns by the default preset's criterion
-  (held-out gain >= 3 paired s.e. on 200 prompts);
+- a short tldr-tiny run of LoRA adapters with --use_vllm true (colocated, merged weights pushed after each step)
+  learns by the default preset's criterion (held-out gain >= 3 paired s.e. on 200 prompts);
 - the server: unreachable at start, one line; a run against it follows the policy (vLLM's log-probs =
   the trainer's after every push); gone in the middle of a run, one line and the state before the step
   saved; restarted, a resume continues;
@@ -109,13 +109,20 @@ def test_vllm_engine_matches_transformers_and_follows_weight_pushes(vllm_model_d
     assert found["top_k_within"] and found["top_p_within"] and found["wide_outside_top_k"], found
     assert found["greedy_changed"] and found["greedy_follows_update"], found
     assert found["logprob_gap_after"] < 1e-4 < 1e-1 < found["logprob_gap_to_old_weights"], found
+    assert found["lora_greedy_changed"] and found["lora_greedy_follows_push"], found  # LoRA: the merged weights
+    assert found["lora_logprob_gap"] < 1e-4, found
 
 
-def test_tldr_tiny_learns_with_vllm_colocated(tmp_path):
+def test_tldr_tiny_learns_with_lora_adapters_and_vllm_colocated(tmp_path):
+    """LoRA adapters (learning rate 3e-3, ten times the preset's, as LoRA wants) learn by the full run's criterion,
+    sampling from a colocated engine that takes the merged weights after every step: its log-probs equal the
+    training pass's (assert_learned), which a missed or wrong merge would break at once."""
     run = tmp_path / "run"
-    done = rloo("train", *SHORT_RUN, "--vllm_mode", "colocate", "--output_dir", str(run))
+    done = rloo("train", *SHORT_RUN, "--vllm_mode", "colocate", "--use_peft", "true", "--learning_rate", "3e-3",
+                "--output_dir", str(run))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_learned(run)
+    assert (run / "adapter_model.safetensors").is_file() and not (run / "model.safetensors").exists()
 
 
 def test_unreachable_vllm_server_is_one_line(tmp_path):
@@ -264,7 +271,7 @@ def test_two_training_processes_share_one_server_like_one_process(secured_server
 def test_vllm_server_follows_the_policy_stops_and_loses_no_state(secured_server, vllm_model_dir, tmp_path):
     """Server mode trains on what the policy would sample: after every step's push, vLLM's log-probs of
     its samples equal the trainer's (a missed or wrong push would show at once); that the same engine's
-    samples make the policy learn is test_tldr_tiny_learns_with_vllm_colocated's. Then the server goes
+    samples make the policy learn is test_tldr_tiny_learns_with_lora_adapters_and_vllm_colocated's. Then the server goes
     away mid-run, and a restarted one continues it. The last user of ``secured_server``: it stops that
     server (one vLLM start fewer for the suite) and starts its successor on the same port."""
     env = {**ENV, "RLOO_VLLM_API_KEY": KEY}  # what the trainers send

@@ -1,6 +1,7 @@
 """Run by tests/test_vllm.py in its own process (vLLM spawns engine processes; this keeps it out of
 pytest's): a colocated vLLM engine on a tiny policy against the transformers backend and the
-training model's own log-probs, before and after a weight push. Writes a JSON object of findings.
+training model's own log-probs, before and after a weight push, and after a push of a LoRA policy (its
+adapters merged in). Writes a JSON object of findings.
 
     python tests/vllm_worker.py MODEL_DIR OUT_JSON
 """
@@ -87,6 +88,20 @@ def main(model_dir: str, out: str) -> None:
         drawn = sampled.generate(PROMPTS, 4, seeds)
         found["logprob_gap_after"] = gap(model, drawn, 0.9)
         found["logprob_gap_to_old_weights"] = gap(old, drawn, 0.9)
+
+        from peft import LoraConfig  # LoRA: the engine takes the base weights with the adapters merged in
+
+        lora = load_policy(model_dir, torch_dtype="float32").eval()
+        lora.add_adapter(LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        with torch.no_grad():
+            for name, p in lora.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.3)
+        lora_greedy = greedy(lora)
+        sampled.load_weights(lora)
+        found["lora_greedy_changed"] = not torch.equal(lora_greedy, before)
+        found["lora_greedy_follows_push"] = torch.equal(lora_greedy, vllm_greedy.generate(PROMPTS, 2).completion_ids_BT)
+        found["lora_logprob_gap"] = gap(lora, sampled.generate(PROMPTS, 4, seeds), 0.9)
     finally:
         engine.close()
     with open(out, "w") as f:

@@ -6,7 +6,10 @@ train. The reference policy is the same model with its adapters off: no second c
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -55,3 +58,54 @@ def adapters_off(model: torch.nn.Module):
         yield model
     finally:
         root.enable_adapters()
+
+
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[^.]+\.")
+_BASE_LAYER = re.compile(r"(\.base_layer)+\.")  # nested when a module's parameters are wrapped one by one
+
+
+def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of ``model`` with its active LoRA adapters merged in (W + scaling * B A), under the base
+    model's own names: what vLLM loads and what a merged model folder holds. ``model`` is left as it is
+    (PEFT's ``merge_and_unload`` would change it, and unmerging again does not give back W bit for bit)."""
+    from peft.tuners.lora import LoraLayer
+
+    root = getattr(model, "module", model)
+    deltas = {}
+    with torch.no_grad():
+        for name, module in root.named_modules():
+            if isinstance(module, LoraLayer) and not module.merged:
+                adapters = [a for a in module.active_adapters if a in module.lora_A or a in module.lora_embedding_A]
+                if adapters:  # a layer's weight, or (ParamWrapper: experts) the parameter it names
+                    weight = getattr(module.get_base_layer(), getattr(module, "parameter_name", None) or "weight")
+                    delta = sum(module.get_delta_weight(a) for a in adapters)
+                    deltas[weight.data_ptr()] = deltas.get(weight.data_ptr(), 0) + delta
+        merged = {}
+        for key, tensor in root.state_dict().items():
+            if ".lora_" in key or ".original_module." in key:
+                continue  # the adapters themselves, and the frozen originals of modules_to_save
+            if tensor.data_ptr() in deltas:
+                tensor = (tensor + deltas[tensor.data_ptr()].to(tensor.dtype)).detach()
+            merged[_MODULES_TO_SAVE.sub(".", _BASE_LAYER.sub(".", key))] = tensor
+    return merged
+
+
+def save_adapter_folder(model: torch.nn.Module, folder: Path, base_name: str, merge: bool) -> None:
+    """A LoRA run's model files in ``folder``: the adapter (adapter_model.safetensors, adapter_config.json, which
+    names the base as the user gave it when that is a Hub id, so the folder loads anywhere); with ``merge``, the
+    merged model (``merged_state_dict``, sharded as transformers shards) with the adapter in ``adapter/``."""
+    from huggingface_hub import save_torch_state_dict
+
+    from rloo.card import is_hub_id
+
+    target = folder / "adapter" if merge else folder
+    model.save_pretrained(target, safe_serialization=True)  # transformers' PEFT integration: the adapter only
+    config_file = target / "adapter_config.json"
+    if is_hub_id(base_name):  # not the local snapshot the base was loaded from
+        values = json.loads(config_file.read_text(encoding="utf-8"))
+        values["base_model_name_or_path"] = base_name
+        config_file.write_text(json.dumps(values, indent=2, sort_keys=True), encoding="utf-8")
+    if merge:
+        save_torch_state_dict(merged_state_dict(model), folder)
+        model.config.save_pretrained(folder)
+        model.generation_config.save_pretrained(folder)

@@ -74,6 +74,11 @@ NOT_REPRODUCED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint"
 CARD_PLOTS = ("plots/reward.png", "plots/kl.png", "plots/completion_length.png", "plots/eval_reward.png")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` (the policy as the user gave it) is a Hub repository id."""
+    return model_label(name)[1] is not None
+
+
 def model_label(name: str) -> tuple[str, str | None]:
     """How the card names the starting policy, and its hub id (for ``base_model``) when it has one."""
     if name in BUILTIN_MODELS:

@@ -4,7 +4,7 @@ Layout under ``<output_dir>/checkpoints/``::
 
     reference/              the reference policy as training started (beta > 0), written once
     step-000040/            one folder per save
-        model.safetensors       policy weights
+        model.safetensors       policy weights (LoRA: adapter.safetensors, the trainable tensors only)
         optimizer.safetensors   optimizer tensors, "state.<param index>.<name>"
         rng.safetensors         torch CPU (and CUDA) generator states, per process ("rank<r>.")
         rollout-rank<r>.safetensors  process r's buffered generation batch, when the next step reuses it
@@ -24,64 +24,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import random
 import re
 import shutil
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from rloo.adapters import has_adapters
 from rloo.errors import CheckpointError
 from rloo.files import fsync as _fsync
+from rloo.train_state import TrainState, jsonable, split_optimizer, split_rollout, tagged, untag
 
 COMMIT_MARKER = "COMMITTED"
 REFERENCE = "reference"
+ADAPTER_FILE = "adapter.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-@dataclass
-class TrainState:
-    """Everything besides model, optimizer and scheduler that step ``step + 1`` starts from."""
-
-    step: int = 0  # optimizer steps done
-    sampler: dict = field(default_factory=dict)
-    counters: dict = field(default_factory=dict)  # num_truncated_prompts, num_skipped_steps, ...
-    rollout: Any = None  # the generation batch the next step reuses (num_iterations > 1), else None
-    eval_before: dict | None = None
-    rng: tuple[dict, dict[str, torch.Tensor]] | None = None  # (json part, tensor part), see capture_rng
-    scheduler: dict | None = None  # the learning-rate schedule's state at ``step`` (None: take the live one)
-    scaler: dict | None = None  # fp16 loss scaling (scale, growth tracker), when a scaler runs
-
-
-# ------------------------------------------------------------------------------------------------ RNG
-def capture_rng() -> tuple[dict, dict[str, torch.Tensor]]:
-    """Python, numpy, torch CPU and CUDA generator states: a JSON part and a tensor part."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    json_part = {"python": [version, list(internal), gauss], "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors.update({f"torch_cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return json_part, tensors
-
-
-def restore_rng(state: tuple[dict, dict[str, torch.Tensor]]) -> None:
-    json_part, tensors = state
-    version, internal, gauss = json_part["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = json_part["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["torch_cpu"])
-    cuda = [tensors[f"torch_cuda_{i}"] for i in range(len(tensors) - 1) if f"torch_cuda_{i}" in tensors]
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
 
 
 # ------------------------------------------------------------------------------------------ discovery
@@ -115,28 +76,12 @@ def resolve_resume_path(spec: str, output_dir: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------- write
 
-def _tagged(value: Any) -> Any:
-    """Strict JSON that keeps non-finite floats (an unscorable "before" reward, a NaN in a dataset column):
-    each becomes {"$float": "nan" | "inf" | "-inf"}, read back by ``_untag``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return {"$float": repr(value)}
-    if isinstance(value, dict):
-        return {k: _tagged(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_tagged(v) for v in value]
-    return value
-
-
-def _untag(obj: dict) -> Any:
-    return float(obj["$float"]) if len(obj) == 1 and "$float" in obj else obj
-
-
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"), object_hook=_untag)  # older files' bare NaN also reads
+    return json.loads(path.read_text(encoding="utf-8"), object_hook=untag)  # older files' bare NaN also reads
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(_tagged(value), allow_nan=False), encoding="utf-8")
+    path.write_text(json.dumps(tagged(value), allow_nan=False), encoding="utf-8")
 
 
 def _sha256(path: Path) -> str:
@@ -205,8 +150,12 @@ def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module, optimizer: 
     final = checkpoints_dir(output_dir) / f"step-{first.step:06d}"
 
     def write(tmp: Path) -> None:
-        save_model(policy, str(tmp / "model.safetensors"))
-        opt_tensors, opt_json = _split_optimizer(optimizer.state_dict())
+        if has_adapters(policy):  # LoRA: what trains; the base is the start model's, loaded again on resume
+            save_file({name: p.detach().contiguous().cpu() for name, p in policy.named_parameters() if p.requires_grad},
+                      str(tmp / ADAPTER_FILE))
+        else:
+            save_model(policy, str(tmp / "model.safetensors"))
+        opt_tensors, opt_json = split_optimizer(optimizer.state_dict())
         save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         ranks, rng_tensors = [], {}
         for rank, state in enumerate(states):
@@ -214,13 +163,13 @@ def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module, optimizer: 
             rng_tensors.update({f"rank{rank}.{name}": t.contiguous().cpu() for name, t in tensors.items()})
             rollout_json = None
             if state.rollout is not None:
-                rollout_tensors, rollout_json = _split_rollout(state.rollout)
+                rollout_tensors, rollout_json = split_rollout(state.rollout)
                 save_file(rollout_tensors, str(tmp / f"rollout-rank{rank}.safetensors"))
             ranks.append({"rng": rng_json, "counters": state.counters, "rollout": rollout_json})
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         _write_json(tmp / "state.json", {
             "step": first.step, "sampler": first.sampler, "num_processes": len(states),
-            "scheduler": _jsonable(first.scheduler or scheduler.state_dict()), "optimizer": opt_json,
+            "scheduler": jsonable(first.scheduler or scheduler.state_dict()), "optimizer": opt_json,
             "eval_before": first.eval_before, "config": config, "fingerprint": fingerprint, "ranks": ranks,
             "scaler": first.scaler,
         })
@@ -326,63 +275,21 @@ def rank_state(meta: dict, tensors: dict, rank: int) -> tuple[dict, tuple[dict, 
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    if (folder / ADAPTER_FILE).is_file():
+        tensors, trainable = _load_tensors(folder / ADAPTER_FILE), {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if tensors.keys() != trainable.keys():
+            raise CheckpointError(f"checkpoint {folder}: its adapter does not fit the model's (missing "
+                                  f"{sorted(trainable.keys() - tensors.keys())[:3]}, unexpected {sorted(tensors.keys() - trainable.keys())[:3]})")
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                trainable[name].copy_(tensor)
+        return
     file = folder / "model.safetensors"
     _load_tensors(file)  # a pickle or a damaged file fails here, with the one-line message
     missing, unexpected = load_model(model, str(file), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {folder}: weights do not fit the model (missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]})")
-
-
-def optimizer_state(meta_optimizer: dict, tensors: dict[str, torch.Tensor]) -> dict:
-    """Rebuild ``optimizer.state_dict()`` from its JSON and tensor parts."""
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in meta_optimizer["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for key, tensor in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = tensor
-    return {"state": state, "param_groups": meta_optimizer["param_groups"]}
-
-
-def _split_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, scalars = {}, {}
-    for index, values in state_dict["state"].items():
-        for name, value in values.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars[f"{index}.{name}"] = value
-    return tensors, {"scalars": scalars, "param_groups": _jsonable(state_dict["param_groups"])}
-
-
-def _split_rollout(rollout) -> tuple[dict[str, torch.Tensor], dict]:
-    tensors, rest = {}, {}
-    for f in fields(rollout):
-        value = getattr(rollout, f.name)
-        if isinstance(value, torch.Tensor):
-            tensors[f.name] = value.detach().contiguous().cpu()
-        else:
-            rest[f.name] = value
-    return tensors, _jsonable(rest)
-
-
-def rollout_fields(meta_rollout: dict, tensors: dict[str, torch.Tensor], device) -> dict:
-    return {**meta_rollout, **{name: t.to(device) for name, t in tensors.items()}}
-
-
-def _jsonable(value: Any) -> Any:
-    """Tuples -> lists, tensors/numpy scalars -> numbers, recursively (what JSON can hold)."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def read_config(path: Path) -> dict:

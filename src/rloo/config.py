@@ -102,19 +102,15 @@ _EVAL = ("rloo evaluates one sampled completion for each of num_eval_samples hel
          "with eval_steps: periodically)")
 NOT_YET = {
     "use_cpu": "not needed: rloo uses the GPU when there is one and the CPU otherwise",
-    "gradient_checkpointing_kwargs": "not available yet; gradient_checkpointing true uses transformers' defaults",
     "do_eval": _EVAL, "per_device_eval_batch_size": _EVAL, "num_generations_eval": _EVAL,
     "logging_strategy": "rloo writes one line of metrics every logging_steps steps",
     "use_liger_kernel": "not needed: rloo's log-prob pass never holds (B, T, V) logits",
 }
-_QLORA_FIELDS = ("load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant")
 
 
 def unknown_key_message(key: str) -> str:
     if key in NOT_YET:
         return f"config field '{key}': {NOT_YET[key]}"
-    if key in _QLORA_FIELDS:
-        return f"config field '{key}': QLoRA (quantized base weights) is not available yet; use_peft trains LoRA adapters on the base as loaded"
     if key.startswith("lora_"):
         return f"config field '{key}': not a LoRA field of rloo's (lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save, lora_task_type)"
     close = difflib.get_close_matches(key, list(FIELD_SECTION) + list(ALIASES), n=1)

@@ -23,8 +23,15 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
-from rloo.architecture import (RouterLogits, architecture, cache_of, differentiable_updates, forward_kwargs,
-                               repeat_cache)
+from rloo.architecture import (
+    RouterLogits,
+    architecture,
+    cache_of,
+    differentiable_updates,
+    forward_kwargs,
+    repeat_cache,
+)
+from rloo.checkpointing import keeps_cache
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +81,14 @@ def prompt_sharing(model) -> str:
 
 def pass_layout(model, share_prompt: bool, k: int, num_columns: int) -> str:
     """The layout of one pass: the model's, unless the prompt cannot be shared here (one completion per
-    prompt, prompt sharing off, gradient checkpointing, which turns transformers' cache off in training)
-    or a sliding window cuts into this batch's ``num_columns`` (then rows, which transformers masks)."""
+    prompt, prompt sharing off, gradient checkpointing other than rloo's, which keeps the cache in training:
+    ``checkpointing.enable_gradient_checkpointing``) or a sliding window cuts into this batch's
+    ``num_columns`` (then rows, which transformers masks)."""
     root = getattr(model, "module", model)
     checkpointing = model.training and getattr(root, "is_gradient_checkpointing", False)
-    if not share_prompt or k == 1 or checkpointing:
+    if checkpointing and not (keeps_cache(root) and root.__dict__.get("_rloo_checkpointed_sharing", True)):
+        return "repeat"
+    if not share_prompt or k == 1:
         return "repeat"
     layout = prompt_sharing(model)
     if layout == "slots" and not architecture(root).slots_fit(num_columns):
@@ -112,6 +122,17 @@ def choose_prompt_sharing(model, *others) -> str:
                 if (got - reference).abs().max().item() <= tolerance:
                     chosen = layout
                     break
+        if chosen != "repeat" and keeps_cache(root):  # training mode: each checkpointed layer still writes its cache
+            with torch.autocast(probe[0].device.type, enabled=False):
+                root.train()
+                for module in root.modules():
+                    if isinstance(module, torch.nn.Dropout):
+                        module.eval()
+                got, _ = _with_layout(root, chosen, probe)
+                if (got - _with_layout(root, "repeat", probe)[0]).abs().max().item() > tolerance:
+                    root.__dict__["_rloo_checkpointed_sharing"] = False
+                    logger.info("%s: under gradient checkpointing, the training pass repeats each prompt for its k "
+                                "completions (its checkpointed layers do not continue from a cache)", arch.name)
     finally:
         model.train(was_training)
     for target in (model, *others):

@@ -6,11 +6,13 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from rloo.memory import peak_memory
 
 
 def _mean(values: torch.Tensor) -> float | None:
@@ -65,11 +67,13 @@ def step_metrics(step: int, samples: dict[str, torch.Tensor], k: int, sources, u
 
 
 @contextmanager
-def timed(timings: dict[str, float], phase: str):
-    """Adds the wall time of the ``with`` block to ``timings["time/<phase>"]`` (seconds)."""
+def timed(timings: dict[str, float], phase: str, device: torch.device | None = None):
+    """Adds the wall time of the ``with`` block to ``timings["time/<phase>"]`` (seconds) and, given the
+    ``device``, its peak memory in MiB as ``timings["memory/<phase>"]`` (memory.py)."""
     start = time.perf_counter()
     try:
-        yield
+        with peak_memory(timings, phase, device) if device is not None else nullcontext():
+            yield
     finally:
         key = f"time/{phase}"
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start

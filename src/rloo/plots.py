@@ -26,6 +26,7 @@ PLOTS = {  # file stem -> (metric key or key prefix "x/", title, y label); drawn
     "learning_rate": ("learning_rate", "learning rate", "learning rate"),
     "episodes_per_s": ("episodes_per_s", "throughput", "completions / s"),
     "timings": ("time/", "seconds per step, by phase (stacked)", "seconds"),
+    "memory": ("memory/", "peak memory, by phase", "MiB"),
     "eval_reward": ("eval/reward", "held-out evaluation", "reward"),
     "eval_completion_length": ("eval/completion_length", "held-out completion length", "tokens"),
 }

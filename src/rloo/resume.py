@@ -16,18 +16,13 @@ import torch
 from rloo.checkpoint import (
     COMMIT_MARKER,
     REFERENCE,
-    TrainState,
-    capture_rng,
     checkpoints_dir,
     committed_checkpoints,
     load_weights,
-    optimizer_state,
     rank_state,
     read_checkpoint,
     remove_checkpoint,
     resolve_resume_path,
-    restore_rng,
-    rollout_fields,
     save_checkpoint,
     save_reference,
     verify,
@@ -36,6 +31,7 @@ from rloo.distributed import checkpointable, raise_on_every_process
 from rloo.errors import CheckpointError
 from rloo.rollout import Rollout
 from rloo.run import Run
+from rloo.train_state import TrainState, capture_rng, optimizer_state, restore_rng, rollout_fields
 
 logger = logging.getLogger(__name__)
 

@@ -26,6 +26,8 @@ from rloo.guard import UpdateGuard
 from rloo.output_dir import FolderLock, claim
 from rloo.models import (disable_dropout, eos_token_ids, frozen_copy, load_policy, load_tokenizer, prompt_token_limit,
                          resolve_model_path, router_aux_loss_coef)
+from rloo.card import is_hub_id
+from rloo.checkpointing import enable_gradient_checkpointing
 from rloo.logprobs import choose_prompt_sharing
 from rloo.publish import check_hub
 from rloo.trackers import check_trackers
@@ -115,6 +117,10 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
     model_name = model if isinstance(model, str) else cfg.model_name_or_path if model is None else (
         getattr(model, "name_or_path", "") or "an in-memory model")
+    if (cfg.use_peft or peft_config is not None) and cfg.push_to_hub and not cfg.merge_adapter and not is_hub_id(model_name):
+        raise ValueError(f"push_to_hub with use_peft: the adapter's base '{model_name}' is not a Hub model, so the "
+                         "uploaded adapter could not be loaded anywhere else; set merge_adapter true (the merged model "
+                         "is uploaded) or start from a Hub model")
     output_dir, lock, trackers, hub_repo = claim_output_dir(cfg, accelerator)  # before anything is loaded or written
     try:
         run = _build(cfg, accelerator, output_dir, lock, model, tokenizer, rewards, train_dataset, eval_dataset,
@@ -179,11 +185,13 @@ def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, mo
     policy, tokenizer, start_model, dropout = load_model(cfg, model, tokenizer)
     torch.manual_seed(cfg.seed)  # LoRA's random A matrices: the same every run of this seed (set_seed follows)
     adapters = add_adapters(policy, cfg, peft_config)  # LoRA: the reference is the base, adapters off
+    if adapters and cfg.disable_dropout:  # the adapters' own lora_dropout (their saved config keeps its rate)
+        dropout.update(disable_dropout(policy))
     if adapters and strategy(accelerator) not in ("single", "ddp"):
         raise ValueError("use_peft: LoRA runs on one process or DDP for now, not under FSDP / DeepSpeed")
-    if adapters and cfg.use_vllm:
-        raise ValueError("use_peft with use_vllm: not available yet (vLLM would need the merged weights after each "
-                         "update); use the transformers backend (use_vllm false)")
+    if (cfg.load_in_4bit or cfg.load_in_8bit) and not adapters:
+        raise ValueError("load_in_4bit / load_in_8bit: quantized base weights do not train; set use_peft true (QLoRA: "
+                         "LoRA adapters on the quantized base) or pass peft_config")
     precision = resolve_precision(cfg, accelerator.mixed_precision, next(policy.parameters()).dtype,
                                   casts_parameters=strategy(accelerator) != "single" and strategy(accelerator) != "ddp")
     aux_loss_coef = router_aux_loss_coef(policy, cfg.router_aux_loss_coef)
@@ -193,7 +201,12 @@ def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, mo
     reference = None
     if cfg.beta > 0 and not adapters:  # copied before the policy is upcast or sharded
         reference = frozen_copy(policy).to(precision.frozen)
-    policy.to(precision.weights)
+    if adapters:  # the frozen base stays as loaded (bf16: half of float32's memory; 4 or 8 bits); the adapters
+        for param in policy.parameters():  # train in the master weights' dtype
+            if param.requires_grad:
+                param.data = param.data.to(precision.weights)
+    else:
+        policy.to(precision.weights)
     warn_if_updates_vanish(policy, cfg.learning_rate, precision)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
@@ -295,6 +308,7 @@ def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any,
     if model is None or isinstance(model, str):
         start_model = resolve_model_path(model or cfg.model_name_or_path)
         extra = {key: value for key, value in (cfg.model_init_kwargs or {}).items() if key not in MODEL_INIT_FIELDS}
+        extra.update(quantization(cfg))
         policy = load_policy(start_model, cfg.torch_dtype, cfg.trust_remote_code, revision=cfg.model_revision,
                              attn_implementation=cfg.attn_implementation, **extra)
     else:
@@ -305,10 +319,27 @@ def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any,
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dropout = disable_dropout(policy) if cfg.disable_dropout else {}
-    if cfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        policy.config.use_cache = False
+    if cfg.gradient_checkpointing:  # each layer checkpointed, its cache kept for the shared prompt
+        enable_gradient_checkpointing(policy, cfg.gradient_checkpointing_kwargs)
     return policy, tokenizer, start_model, dropout
+
+
+def quantization(cfg: RLOOConfig) -> dict:
+    """from_pretrained's arguments for a base in 4 or 8 bits (TRL's ``get_quantization_config``), on this
+    process's GPU; none without load_in_4bit / load_in_8bit."""
+    if not (cfg.load_in_4bit or cfg.load_in_8bit):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if cfg.load_in_8bit:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        compute = cfg.torch_dtype if cfg.torch_dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=getattr(torch, compute),
+                                    bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
+                                    bnb_4bit_use_double_quant=cfg.use_bnb_nested_quant,
+                                    bnb_4bit_quant_storage=cfg.bnb_4bit_quant_storage or "uint8")
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
 
 
 def trainer_state(run: Run, step: int):

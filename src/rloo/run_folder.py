@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from rloo.adapters import has_adapters, save_adapter_folder
 from rloo.card import model_card
 from rloo.final import write_final
 from rloo.models import restored_config
@@ -29,7 +30,10 @@ def save_run_folder(run, summary: dict | None, state_dict: dict | None = None, c
 
     def write(folder: Path) -> None:
         with restored_config(run.dropout_rates):  # the folder keeps the model's own dropout rates
-            model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+            if has_adapters(model):  # LoRA: the adapter, and with merge_adapter the merged model
+                save_adapter_folder(model, folder, run.model_name, cfg.merge_adapter)
+            else:
+                model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
         run.tokenizer.save_pretrained(folder)
         (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
         if summary is not None:

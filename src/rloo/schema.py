@@ -60,6 +60,15 @@ class ModelArgs:
     )
     lora_modules_to_save: list[str] | None = arg(None, "Modules trained whole beside the adapters (TRL's name).")
     lora_task_type: str = arg("CAUSAL_LM", "PEFT's task type (TRL's name and default).")
+    load_in_4bit: bool = arg(False, "QLoRA: load the base in 4 bits through bitsandbytes (CUDA; with use_peft).")
+    load_in_8bit: bool = arg(False, "Load the base in 8 bits through bitsandbytes (CUDA; with use_peft).")
+    bnb_4bit_quant_type: str = arg("nf4", "4-bit quantization type: nf4 (TRL's default) or fp4.")
+    use_bnb_nested_quant: bool = arg(False, "Quantize the 4-bit quantization constants too (bitsandbytes' double quant).")
+    bnb_4bit_quant_storage: str | None = arg(None, "Storage dtype of the 4-bit weights (TRL's field); None: bitsandbytes' uint8.")
+    merge_adapter: bool = arg(
+        False, "LoRA: the run folder holds the merged model (base + adapters, loadable without peft), its adapter "
+        "in adapter/. Off (TRL's way): the folder is the adapter, which transformers loads on its base with peft.",
+    )
 
 
 @dataclass
@@ -213,7 +222,14 @@ class TrainingArgs:
         False, "Train the policy's weights in torch_dtype itself (bfloat16 / float16 weights and AdamW state, no "
         "float32 master copy): half the memory, but updates below the dtype's spacing round away (warned).",
     )
-    gradient_checkpointing: bool = arg(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = arg(
+        True, "Recompute each decoder layer's activations in backward instead of keeping them (TRL's default): less "
+        "memory, one more forward in the update; the prompt is still computed once for its k completions.",
+    )
+    gradient_checkpointing_kwargs: dict | None = arg(
+        None, "Keyword arguments for torch.utils.checkpoint (TRL's name), e.g. {\"preserve_rng_state\": false}; "
+        "use_reentrant must stay false. JSON on the command line.",
+    )
 
 
 @dataclass

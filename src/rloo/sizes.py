@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 from rloo.trackers import KNOWN as TRACKERS
 
+REENTRANT = ("gradient_checkpointing_kwargs: use_reentrant true is not supported (reentrant checkpointing drops the "
+             "gradients that flow back through the shared prompt's cache); leave it out or set it false")
+
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
              "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay")
 # generation_kwargs keys rloo's samplers honour, and the field each sets (TRL: they override the fields).
@@ -120,6 +123,7 @@ def validate(cfg) -> None:
         numbers = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
             raise ValueError(f"{name} must be finite, got {value}")
+    quantized = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit" if cfg.load_in_8bit else ""
     checks = [
         (cfg.num_generations >= 2, "num_generations must be >= 2 (the leave-one-out baseline needs a sibling)"),
         (cfg.max_completion_length >= 1, "max_completion_length must be >= 1"),
@@ -181,9 +185,6 @@ def validate(cfg) -> None:
          f"eval_steps must be a whole number of steps, a fraction of max_steps in (0, 1), or None; got {cfg.eval_steps}"),
         (cfg.num_completions_to_print is None or cfg.num_completions_to_print >= 0,
          "num_completions_to_print must be >= 0 or None (all)"),
-        (not (cfg.use_peft and cfg.use_vllm),
-         "use_peft with use_vllm: not available yet (vLLM would need the merged weights after each update); use the "
-         "transformers backend (use_vllm false)"),
         (not cfg.use_peft or importlib.util.find_spec("peft") is not None,
          "use_peft: the peft package is not installed; pip install 'rloo[peft]'"),
         (cfg.lora_r >= 1 and cfg.lora_alpha > 0 and 0 <= cfg.lora_dropout < 1,
@@ -192,6 +193,15 @@ def validate(cfg) -> None:
          f"hub_strategy must be end or every_save, got {cfg.hub_strategy!r}"),
         (cfg.save_strategy in ("steps", "no"),
          f"save_strategy must be steps (every save_steps) or no, got {cfg.save_strategy!r}"),
+        (not (cfg.gradient_checkpointing_kwargs or {}).get("use_reentrant"), REENTRANT),
+        (not (cfg.load_in_4bit and cfg.load_in_8bit), "load_in_4bit and load_in_8bit: choose one of them"),
+        (cfg.bnb_4bit_quant_type in ("nf4", "fp4"), f"bnb_4bit_quant_type must be nf4 or fp4, got {cfg.bnb_4bit_quant_type!r}"),
+        (not quantized or (importlib.util.find_spec("bitsandbytes") is not None and _has_cuda()),
+         f"{quantized}: quantized base weights need a CUDA GPU and the bitsandbytes package (pip install "
+         "'rloo[qlora]'); on this machine, train LoRA adapters on the base as loaded (use_peft without it)"),
+        (not (quantized and (cfg.use_vllm or cfg.merge_adapter)),
+         f"{quantized} with use_vllm or merge_adapter: not available (both take the adapters merged into base weights, "
+         "which a quantized base cannot hold); use the transformers backend and the adapter folder"),
         (not cfg.remove_unused_columns,
          "remove_unused_columns: rloo passes every dataset column to the reward functions; set it false"),
     ]
@@ -206,3 +216,9 @@ def validate(cfg) -> None:
             f"reward_weights has {len(cfg.reward_weights)} values but there are {num_sources} reward sources "
             f"({'the reward model + ' if cfg.reward_model_name_or_path else ''}{len(cfg.reward_funcs)} reward_funcs)"
         )
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rloo.adapters import adapters_off, has_adapters
-from rloo.checkpoint import TrainState, committed_checkpoints
+from rloo.checkpoint import committed_checkpoints
 from rloo.config import RLOOConfig
 from rloo.data import gather_rows, render_prompt, tokenize_prompts
 from rloo.distributed import full_state_dict, gathered_for_generation, raise_on_every_process
@@ -42,8 +42,9 @@ from rloo.resume import drop_final_checkpoint, resume, save, snapshot
 from rloo.rollout import Rollout, add_advantages, add_logprobs, sample, score
 from rloo.run import Run, setup, sync_generator, trainer_state
 from rloo.run_eval import eval_interval, eval_line, run_evaluation, summarize
-from rloo.run_log import RunLog, completion_rows
 from rloo.run_folder import save_run_folder
+from rloo.run_log import RunLog, completion_rows
+from rloo.train_state import TrainState
 from rloo.update import across_processes, normalize_over_processes, policy_update
 
 logger = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def training_step(run: Run, state: TrainState, step: int, log: RunLog) -> tuple[
     logs them. A generation batch serves ``num_steps_per_rollout`` steps (``steps_per_generation /
     gradient_accumulation_steps`` slices, ``num_iterations`` passes); each step trains on its slice of it."""
     cfg, sizes = run.cfg, run.cfg.sizes
-    start, timings = time.perf_counter(), {}
+    start, timings, device = time.perf_counter(), {}, run.accelerator.device
     position = (step - 1) % sizes.num_steps_per_rollout
     logged: dict[str, float] = {}  # reward functions' log_metric values
     if position == 0:
@@ -192,7 +193,7 @@ def training_step(run: Run, state: TrainState, step: int, log: RunLog) -> tuple[
     part = position % sizes.num_steps_per_generation
     rows_per_step = sizes.num_completions_per_generation // sizes.num_steps_per_generation
     learning_rate = run.scheduler.get_last_lr()[0]  # the rate this step's update uses
-    with timed(timings, "update"):  # phase 4
+    with timed(timings, "update", device):  # phase 4
         update = policy_update(run, rollout, part * rows_per_step, (part + 1) * rows_per_step)
     if update["skipped"]:
         run.counters["num_nonfinite_steps"] += 1
@@ -230,24 +231,24 @@ def make_rollout(run: Run, step: int, timings: dict, logged: dict) -> Rollout:
     """Phases 1-3 for a new generation batch, under the run's compute dtype: sample, score, reference
     log-probs; and, when the batch is not trained on whole and at once (``upfront``), the sampling
     policy's log-probs and the advantages over the whole batch."""
-    cfg, sizes = run.cfg, run.cfg.sizes
+    cfg, sizes, device = run.cfg, run.cfg.sizes, run.accelerator.device
     rows = next(run.sampler)
     with run.autocast():
-        with timed(timings, "generate"):  # phase 1
+        with timed(timings, "generate", device):  # phase 1
             rollout = sample_rollout(run, rows, step)
-        with timed(timings, "score"):  # phase 2
+        with timed(timings, "score", device):  # phase 2
             logged.update(score_rollout(run, rollout, step))
         if run.reference is not None:  # phase 3
-            with timed(timings, "reference"):
+            with timed(timings, "reference", device):
                 add_logprobs(rollout, run.reference, cfg.temperature, sizes.num_prompts_per_pass, "ref_logprobs_BT",
                              cfg.share_prompt_prefix)
         elif cfg.beta > 0 and has_adapters(run.policy):  # LoRA: the reference is the base model, adapters off
-            with timed(timings, "reference"), adapters_off(run.policy) as base:
+            with timed(timings, "reference", device), adapters_off(run.policy) as base:
                 add_logprobs(rollout, base, cfg.temperature, sizes.num_prompts_per_pass, "ref_logprobs_BT",
                              cfg.share_prompt_prefix)
         advantages, old_logprobs = upfront(cfg, sizes)
         if old_logprobs:
-            with timed(timings, "old_policy"):
+            with timed(timings, "old_policy", device):
                 add_logprobs(rollout, run.policy, cfg.temperature, sizes.num_prompts_per_pass, "old_logprobs_BT",
                              cfg.share_prompt_prefix)
     if advantages:

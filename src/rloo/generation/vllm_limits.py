@@ -46,9 +46,13 @@ class Refused(Exception):
 
 def state_dict_bytes(model: torch.nn.Module, dtype: torch.dtype | None = None) -> bytes:
     """The model's weights as safetensors bytes (CPU copies, floating tensors in ``dtype`` when given;
-    shared tensors written once, under their first name, as ``save_pretrained`` writes them)."""
+    shared tensors written once, under their first name, as ``save_pretrained`` writes them; LoRA adapters
+    merged into the base weights, under the base model's names)."""
+    from rloo.adapters import has_adapters, merged_state_dict
+
     seen, tensors = set(), {}
-    for name, tensor in model.state_dict().items():
+    state_dict = merged_state_dict(model) if has_adapters(model) else model.state_dict()  # LoRA: W + B A
+    for name, tensor in state_dict.items():
         if tensor.data_ptr() in seen:  # a tied weight: vLLM ties it again when loading
             continue
         seen.add(tensor.data_ptr())
