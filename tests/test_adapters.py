@@ -61,6 +61,28 @@ def test_the_reference_is_the_base_model_with_its_adapters_off_and_no_copy(tiny_
         run.lock.release()
 
 
+def test_a_peft_model_trains_its_own_adapters_against_its_base_without_a_copy(tiny_model_dir, tmp_path):
+    """train(model=get_peft_model(...)): the model's adapters train, the reference is its base (adapters off)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    cfg = tiny_config(tiny_model_dir, tmp_path / "run", beta=0.05, max_steps=1, num_eval_samples=0)
+    run = setup(cfg, peft_model, None, None, None, None)
+    try:
+        policy = run.accelerator.unwrap_model(run.policy)
+        assert run.reference is None and has_adapters(policy) and policy is peft_model.get_base_model()
+        assert {n for n, p in policy.named_parameters() if p.requires_grad} == {
+            n.removeprefix("base_model.model.") for n, p in peft_model.named_parameters() if p.requires_grad}
+    finally:
+        run.generator.close()
+        run.lock.release()
+    out = train(tiny_config(tiny_model_dir, tmp_path / "trained", beta=0.05, max_steps=1, num_eval_samples=0),
+                model=peft_model).output_dir
+    assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
+
+
 def test_a_lora_run_trains_only_its_adapters_saves_them_and_resumes_exactly(tiny_model_dir, tmp_path):
     settings = dict(use_peft=True, lora_r=4, learning_rate=5e-2, max_steps=2, save_steps=1, num_eval_samples=0,
                     reward_weights=None)
@@ -107,6 +129,9 @@ def test_merge_adapter_writes_the_merged_model_beside_its_adapter_and_both_quick
     ids = torch.randint(2, 500, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (merged(ids).logits - on_base.eval()(ids).logits).abs().max() <= 1e-5  # W + B A, merged
+    assert "It is a LoRA adapter (r = 4, alpha = 32)" in (adapter_run / "README.md").read_text()
+    assert "library_name: peft" in (adapter_run / "README.md").read_text()
+    assert "is merged into the weights" in (merged_run / "README.md").read_text()
     monkeypatch.chdir(tmp_path)  # each card's quick start, as written, from the folder that holds the run
     for out in (adapter_run, merged_run):
         exec(re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1), {})

@@ -185,58 +185,57 @@ def test_router_aux_loss_coef_follows_trl(tiny_tokenizer):
         router_aux_loss_coef(dense, 0.1)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "mistral", "gemma2", "bloom", "falcon_alibi", "mamba2", "bamba",
-                                  "falcon_h1", "qwen3_next", "lfm2"])
-def test_shared_prompt_gradients_equal_the_repeated_prompts(name, tiny_tokenizer, prompts):
-    """Autograd through the shared prompt (slots: one prompt cache; rows: the cache repeated, recurrent states
-    updated by assignment): every parameter's gradient equals the repeated computation's (1e-4 of the tensor's
-    largest element, with a float32 floor of 1e-7 for near-zero ones)."""
+def weighted_pass(model, batch, share: bool) -> tuple[torch.Tensor, tuple]:
+    """The log-probs of a pass and the gradients of their weighted sum (weights -1..2 over the tokens)."""
+    logprobs_BT, _ = completion_logprobs(model, *batch, share_prompt=share)
+    weights_BT = torch.linspace(-1.0, 2.0, batch[2].numel()).view_as(batch[2])
+    params = [p for p in model.parameters() if p.requires_grad]
+    return logprobs_BT, torch.autograd.grad((logprobs_BT * weights_BT).sum(), params, allow_unused=True)
+
+
+def training_setup(name: str, tiny_tokenizer, prompts) -> tuple[torch.nn.Module, tuple]:
     model = build(name, tiny_tokenizer)
     disable_dropout(model)
     model.train()
     completions = [[5, 6, 7, 8], [9, 10], [11], [12, 13, 14, 15, 16], [17, 18, 19], [20, 21]]
-    batch = (*left_pad(prompts, PAD), *right_pad(completions, PAD))
-    weights_BT = torch.linspace(-1.0, 2.0, batch[2].numel()).view_as(batch[2])
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = {}
-    for share in (True, False):
-        logprobs_BT, _ = completion_logprobs(model, *batch, share_prompt=share)
-        grads[share] = torch.autograd.grad((logprobs_BT * weights_BT).sum(), params, allow_unused=True)
-    for (param_name, _), shared, repeated in zip(model.named_parameters(), grads[True], grads[False]):
-        if repeated is None:
-            assert shared is None or shared.abs().max() == 0, param_name
+    return model, (*left_pad(prompts, PAD), *right_pad(completions, PAD))
+
+
+def assert_same_gradients(model, got: tuple, want: tuple, label: str) -> None:
+    """Each parameter's gradient within 1e-4 of the tensor's largest element, with a float32 floor of 1e-7."""
+    for (param_name, _), mine, theirs in zip(model.named_parameters(), got, want):
+        if theirs is None:
+            assert mine is None or mine.abs().max() == 0, param_name
             continue
-        bound = 1e-4 * repeated.abs().max().item() + 1e-7
-        assert (shared - repeated).abs().max().item() <= bound, f"{name} ({prompt_sharing(model)}): {param_name}"
+        bound = 1e-4 * theirs.abs().max().item() + 1e-7
+        assert (mine - theirs).abs().max().item() <= bound, f"{label}: {param_name}"
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "mistral", "gemma2", "bloom", "falcon_alibi", "mamba2", "bamba",
+                                  "falcon_h1", "qwen3_next", "lfm2"])
+def test_shared_prompt_gradients_equal_the_repeated_prompts(name, tiny_tokenizer, prompts):
+    """Autograd through the shared prompt (slots: one prompt cache; rows: the cache repeated, recurrent states
+    updated by assignment): every parameter's gradient equals the repeated computation's."""
+    model, batch = training_setup(name, tiny_tokenizer, prompts)
+    _, shared = weighted_pass(model, batch, share=True)
+    _, repeated = weighted_pass(model, batch, share=False)
+    assert_same_gradients(model, shared, repeated, f"{name} ({prompt_sharing(model)})")
 
 
 @pytest.mark.parametrize("name", ["gpt_neox", "llama", "qwen3_moe", "mistral", "gemma2", "bloom", "gpt2", "falcon_alibi",
                                   "mamba2", "bamba", "qwen3_next", "lfm2"])
 def test_gradient_checkpointing_keeps_the_shared_prompt(name, tiny_tokenizer, prompts):
     """With gradient checkpointing on, the training pass still shares the prompt (each layer's replay in backward
-    runs against the cache as its first run found it), and its log-probs (1e-5) and gradients (1e-4 of the
-    tensor's largest element, float32 floor 1e-7) equal the plain pass with the prompt repeated."""
-    model = build(name, tiny_tokenizer)
-    disable_dropout(model)
-    model.train()
-    completions = [[5, 6, 7, 8], [9, 10], [11], [12, 13, 14, 15, 16], [17, 18, 19], [20, 21]]
-    batch = (*left_pad(prompts, PAD), *right_pad(completions, PAD))
-    weights_BT = torch.linspace(-1.0, 2.0, batch[2].numel()).view_as(batch[2])
-    params = [p for p in model.parameters() if p.requires_grad]
-    repeated_BT, _ = completion_logprobs(model, *batch, share_prompt=False)
-    repeated = torch.autograd.grad((repeated_BT * weights_BT).sum(), params, allow_unused=True)
+    runs against the cache as its first run found it), and its log-probs (1e-5) and gradients equal the plain
+    pass with the prompt repeated."""
+    model, batch = training_setup(name, tiny_tokenizer, prompts)
+    repeated_BT, repeated = weighted_pass(model, batch, share=False)
     num_columns = batch[0].shape[1] + batch[2].shape[1]
     plain_layout = pass_layout(model, True, 2, num_columns)
     enable_gradient_checkpointing(model)
     assert model.is_gradient_checkpointing
     layout = pass_layout(model, True, 2, num_columns)
     assert layout == plain_layout != "repeat"
-    checkpointed_BT, _ = completion_logprobs(model, *batch, share_prompt=True)
-    checkpointed = torch.autograd.grad((checkpointed_BT * weights_BT).sum(), params, allow_unused=True)
+    checkpointed_BT, checkpointed = weighted_pass(model, batch, share=True)
     assert (checkpointed_BT - repeated_BT).abs().max().item() <= 1e-5, f"{name} ({layout})"
-    for (param_name, _), got, want in zip(model.named_parameters(), checkpointed, repeated):
-        if want is None:
-            assert got is None or got.abs().max() == 0, param_name
-            continue
-        bound = 1e-4 * want.abs().max().item() + 1e-7
-        assert (got - want).abs().max().item() <= bound, f"{name} ({layout}): {param_name}"
+    assert_same_gradients(model, checkpointed, repeated, f"{name} ({layout})")

@@ -402,3 +402,11 @@ def test_trl_python_and_yaml_forms_are_read_as_data(tmp_path):
 def test_common_trl_fields_rloo_lacks_are_refused_with_what_to_do(key):
     with pytest.raises(ValueError, match=f"^config field '{key}': "):
         RLOOConfig(**{key: 1})
+
+
+def test_gradient_checkpointing_kwargs_take_json_and_refuse_reentrant_checkpointing():
+    cfg = valid_config(gradient_checkpointing_kwargs='{"preserve_rng_state": false}')  # as the command line gives it
+    assert cfg.gradient_checkpointing_kwargs == {"preserve_rng_state": False} and cfg.gradient_checkpointing is True
+    cfg.resolve()
+    with pytest.raises(ValueError, match="^gradient_checkpointing_kwargs: use_reentrant true is not supported"):
+        valid_config(gradient_checkpointing_kwargs={"use_reentrant": True}).resolve()

@@ -25,11 +25,33 @@ def lora_config(cfg):
                       task_type=cfg.lora_task_type)
 
 
+def integrated(model: torch.nn.Module) -> torch.nn.Module:
+    """A ``peft.PeftModel`` (``get_peft_model``) as the transformers model inside it, its adapters kept and seen
+    by transformers' PEFT integration (as ``add_adapter`` leaves a model): rloo turns them off for the reference
+    instead of copying the model. Any other model as it is."""
+    if importlib.util.find_spec("peft") is None:
+        return model
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return model
+    base = model.get_base_model()
+    base.peft_config = dict(model.peft_config)
+    base._hf_peft_config_loaded = True
+    return base
+
+
 def add_adapters(policy: torch.nn.Module, cfg, peft_config=None) -> bool:
     """Put LoRA adapters in ``policy`` when the run asks for them (``peft_config`` or ``use_peft``); the base
-    weights are frozen. Returns whether it has adapters."""
+    weights are frozen. Returns whether it has adapters: its own ones count (a PeftModel, ``integrated``, or a
+    model given ``add_adapter`` / ``load_adapter(..., is_trainable=True)``), when they have parameters to train."""
     if peft_config is None and not cfg.use_peft:
-        return False
+        if not has_adapters(policy):
+            return False
+        if not any(p.requires_grad for p in policy.parameters()):
+            raise ValueError("model: its adapters are frozen (nothing would train); load them with "
+                             "load_adapter(..., is_trainable=True), or pass the base model and peft_config")
+        return True
     if importlib.util.find_spec("peft") is None:
         raise ValueError("use_peft: the peft package is not installed; pip install 'rloo[peft]'")
     from peft import PeftConfig
@@ -37,7 +59,8 @@ def add_adapters(policy: torch.nn.Module, cfg, peft_config=None) -> bool:
     if peft_config is not None and not isinstance(peft_config, PeftConfig):
         raise TypeError(f"peft_config: expected a peft.LoraConfig, got {type(peft_config).__name__}")
     if getattr(policy, "_hf_peft_config_loaded", False):
-        raise ValueError("model: it already holds adapters; pass the base model and peft_config (or --use_peft)")
+        raise ValueError("model: it already holds adapters, and use_peft / peft_config would add more; pass the base "
+                         "model, or the model with its adapters and neither of them")
     try:
         policy.add_adapter(peft_config if peft_config is not None else lora_config(cfg))
     except ValueError as err:  # PEFT names the target modules it could not find

@@ -111,11 +111,14 @@ def reproduce_command(cfg, model_name: str, out: Path) -> str:
 
 def model_card(cfg, model_name: str, sources, summary: dict | None, example_prompt, tokenizer, out: Path,
                hub_repo: str | None = None, plots: list[str] = (), tracker_links: dict[str, str] | None = None,
-               metrics: list[dict] = ()) -> str:
+               metrics: list[dict] = (), adapter: str | None = None) -> str:
+    """``adapter``: "adapter" when the folder is a LoRA adapter, "merged" when it holds the merged model."""
     label, base = model_label(model_name)
     dataset = cfg.dataset_name if not cfg.dataset_name.startswith("rloo:") else "trl-lib/tldr"
     front = {"library_name": "transformers", "tags": ["rloo", "reinforcement-learning", "text-generation"],
              "datasets": [dataset]}
+    if adapter == "adapter":
+        front["library_name"] = "peft"  # the Hub's word for an adapter repository
     if base:
         front["base_model"] = base
     # the quick start loads the Hub repository; a folder-only run loads the folder from the directory holding it
@@ -132,6 +135,10 @@ def model_card(cfg, model_name: str, sources, summary: dict | None, example_prom
         f"# Model card for {hub_repo.split('/')[-1] if hub_repo else out.name}", "",
         f"This model is a fine-tuned version of {label} on {data_note}. It has been trained with "
         "[rloo](https://pypi.org/project/rloo/), an implementation of RLOO (REINFORCE Leave-One-Out).", "",
+        *(["It is a LoRA adapter (r = %s, alpha = %s): with peft installed (`pip install peft`), transformers loads "
+           "it on its base model." % (cfg.lora_r, cfg.lora_alpha), ""] if adapter == "adapter" else []),
+        *(["Its LoRA adapter (r = %s, alpha = %s) is merged into the weights, which load without peft; the adapter "
+           "itself is in `adapter/`." % (cfg.lora_r, cfg.lora_alpha), ""] if adapter == "merged" else []),
         "## Quick start", "",
         *([] if hub_repo else ["Run it from the directory that holds the run folder (or upload the folder to the Hub "
                                "and name its repository):", ""]),

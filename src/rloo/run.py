@@ -15,7 +15,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 from transformers import get_scheduler
 
-from rloo.adapters import add_adapters
+from rloo.adapters import add_adapters, has_adapters, integrated
 from rloo.checkpoint import resolve_resume_path
 from rloo.config import RLOOConfig
 from rloo.data import PromptSampler, load_prompt_dataset
@@ -117,7 +117,9 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
     model_name = model if isinstance(model, str) else cfg.model_name_or_path if model is None else (
         getattr(model, "name_or_path", "") or "an in-memory model")
-    if (cfg.use_peft or peft_config is not None) and cfg.push_to_hub and not cfg.merge_adapter and not is_hub_id(model_name):
+    adapter_run = cfg.use_peft or peft_config is not None or (model is not None and not isinstance(model, str)
+                                                              and has_adapters(integrated(model)))
+    if adapter_run and cfg.push_to_hub and not cfg.merge_adapter and not is_hub_id(model_name):
         raise ValueError(f"push_to_hub with use_peft: the adapter's base '{model_name}' is not a Hub model, so the "
                          "uploaded adapter could not be loaded anywhere else; set merge_adapter true (the merged model "
                          "is uploaded) or start from a Hub model")
@@ -311,8 +313,9 @@ def load_model(cfg: RLOOConfig, model, tokenizer) -> tuple[torch.nn.Module, Any,
         extra.update(quantization(cfg))
         policy = load_policy(start_model, cfg.torch_dtype, cfg.trust_remote_code, revision=cfg.model_revision,
                              attn_implementation=cfg.attn_implementation, **extra)
-    else:
-        policy, start_model = model, getattr(model, "name_or_path", "") or "in-memory model"
+    else:  # a PeftModel: the transformers model inside it, which keeps its class and the shared-prompt layout
+        policy = integrated(model)
+        start_model = getattr(policy, "name_or_path", "") or "in-memory model"
     cfg.model_name_or_path = start_model
     if tokenizer is None:
         tokenizer = load_tokenizer(start_model, cfg.trust_remote_code, revision=cfg.model_revision)

@@ -43,7 +43,8 @@ def save_run_folder(run, summary: dict | None, state_dict: dict | None = None, c
 
         plots = [str(path.relative_to(folder)) for path in write_report(out, folder)]
         card = model_card(cfg, run.model_name, run.sources, summary, example, run.tokenizer, out, hub_repo=run.hub_repo,
-                          plots=plots, tracker_links=tracker_links or {}, metrics=_read_jsonl(out / "metrics.jsonl"))
+                          plots=plots, tracker_links=tracker_links or {}, metrics=_read_jsonl(out / "metrics.jsonl"),
+                          adapter=("merged" if cfg.merge_adapter else "adapter") if has_adapters(model) else None)
         (folder / "README.md").write_text(card, encoding="utf-8")
 
     write_final(out, write, checkpoint)
