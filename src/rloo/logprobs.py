@@ -23,14 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.utils.checkpoint
 
-from rloo.architecture import (
-    RouterLogits,
-    architecture,
-    cache_of,
-    differentiable_updates,
-    forward_kwargs,
-    repeat_cache,
-)
+from rloo.architecture import (RouterLogits, architecture, cache_of, differentiable_updates, forward_kwargs,
+                               repeat_cache)
 from rloo.checkpointing import keeps_cache
 
 logger = logging.getLogger(__name__)
