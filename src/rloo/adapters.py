@@ -89,27 +89,29 @@ _BASE_LAYER = re.compile(r"(\.base_layer)+\.")  # nested when a module's paramet
 
 def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights of ``model`` with its active LoRA adapters merged in (W + scaling * B A), under the base
-    model's own names: what vLLM loads and what a merged model folder holds. ``model`` is left as it is
-    (PEFT's ``merge_and_unload`` would change it, and unmerging again does not give back W bit for bit)."""
+    model's own names, on the CPU (each merged on the model's device and moved at once, so the device holds one
+    merged tensor at a time), a tied weight once: what vLLM loads and what a merged model folder holds.
+    ``model`` is left as it is (PEFT's ``merge_and_unload`` would change it, and unmerging again does not give
+    back W bit for bit)."""
     from peft.tuners.lora import LoraLayer
 
     root = getattr(model, "module", model)
-    deltas = {}
+    adapted: dict[int, list] = {}  # base tensor -> the (layer, adapter) pairs whose B A it takes
+    for module in root.modules():
+        if isinstance(module, LoraLayer) and not module.merged:
+            # a layer's weight, or (ParamWrapper: experts) the parameter it names
+            weight = getattr(module.get_base_layer(), getattr(module, "parameter_name", None) or "weight")
+            adapted.setdefault(weight.data_ptr(), []).extend(
+                (module, a) for a in module.active_adapters if a in module.lora_A or a in module.lora_embedding_A)
+    merged, seen = {}, set()
     with torch.no_grad():
-        for name, module in root.named_modules():
-            if isinstance(module, LoraLayer) and not module.merged:
-                adapters = [a for a in module.active_adapters if a in module.lora_A or a in module.lora_embedding_A]
-                if adapters:  # a layer's weight, or (ParamWrapper: experts) the parameter it names
-                    weight = getattr(module.get_base_layer(), getattr(module, "parameter_name", None) or "weight")
-                    delta = sum(module.get_delta_weight(a) for a in adapters)
-                    deltas[weight.data_ptr()] = deltas.get(weight.data_ptr(), 0) + delta
-        merged = {}
         for key, tensor in root.state_dict().items():
-            if ".lora_" in key or ".original_module." in key:
-                continue  # the adapters themselves, and the frozen originals of modules_to_save
-            if tensor.data_ptr() in deltas:
-                tensor = (tensor + deltas[tensor.data_ptr()].to(tensor.dtype)).detach()
-            merged[_MODULES_TO_SAVE.sub(".", _BASE_LAYER.sub(".", key))] = tensor
+            if ".lora_" in key or ".original_module." in key or tensor.data_ptr() in seen:
+                continue  # the adapters themselves, the frozen originals of modules_to_save, a tied weight again
+            seen.add(tensor.data_ptr())
+            for module, adapter in adapted.get(tensor.data_ptr(), []):
+                tensor = tensor + module.get_delta_weight(adapter).to(tensor.dtype)
+            merged[_MODULES_TO_SAVE.sub(".", _BASE_LAYER.sub(".", key))] = tensor.detach().to("cpu")
     return merged
 
 
