@@ -137,6 +137,7 @@ def run_rloo(folder: Path, k: int, num_prompts: int, steps: int, gpu: bool) -> l
         max_completion_length=MAX_COMPLETION_TOKENS, temperature=1.0, beta=0.05, learning_rate=1e-5,
         max_steps=steps, seed=0, num_eval_samples=0, disable_tqdm=True, output_dir=str(folder / "rloo-out"),
         torch_dtype="float32", bf16=gpu,  # mixed precision on a GPU, as TRL's above
+        gradient_checkpointing=False,  # as TRL's above (both default to on)
     )
     result = train(cfg, rewards=[cheap_reward])
     return [{key: value for key, value in m.items() if key == "step_seconds" or key.startswith("time/")}
