@@ -122,6 +122,32 @@ def test_deepspeed_on_one_gpu_starts_and_trains(tiny_model_dir, tiny_policy_rewa
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3 and (out / "eval.json").is_file()
 
 
+@pytest.mark.parametrize("config", ["fsdp", "zero3"])
+def test_a_sharded_run_resumes_like_an_uninterrupted_run_on_one_gpu(tiny_model_dir, tiny_policy_reward_model_dir,
+                                                                     tmp_path, config):
+    """The trainer's checkpoints under FSDP2 / ZeRO-3 (shards.py; its pieces, ZeRO-2's too, are tested on CPU
+    in test_sharding.py): a run resumed from another run's step-2 checkpoint ends with that run's weights and
+    rewards, with a reference and a reward model sharded like the policy."""
+    if config != "fsdp":
+        pytest.importorskip("deepspeed")
+    from rloo.checkpoint import read_checkpoint, step_folder
+    from test_distributed import accelerate_launch, max_difference, rewards_of, torchrun
+
+    dtype = {} if config == "fsdp" else dict(torch_dtype="bfloat16", bf16=True)  # the DeepSpeed configs say bf16
+    settings = dict(launcher=accelerate_launch(config, 1), per_device_train_batch_size=4, save_steps=2, max_steps=4,
+                    lr_scheduler_type="constant", reward_model_name_or_path=str(tiny_policy_reward_model_dir),
+                    reward_weights=None, num_eval_samples=0, **dtype)
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    torchrun(1, tiny_model_dir, full, **settings)
+    checkpoint = step_folder(full, 2)
+    assert read_checkpoint(checkpoint)[0]["layout"] == config
+    torchrun(1, tiny_model_dir, resumed, resume_from_checkpoint=str(checkpoint), **settings)
+    # bit-identical on CPU (test_reliability.py); CUDA's scatter-adds may round differently between runs
+    assert max_difference(full, resumed) <= 1e-4
+    assert ([r["reward"] for r in rewards_of(full)][2:]
+            == pytest.approx([r["reward"] for r in rewards_of(resumed)], abs=1e-4))
+
+
 def test_bf16_mixed_precision_on_gpu_keeps_updates_and_starts_with_zero_kl(tiny_model_dir, tmp_path):
     """CUDA autocast: bf16 mixed precision (float32 master weights) changes as many weights as float32 at the
     rloo_tldr learning rate, and the reference computes as the policy does (KL 0 at step 1)."""

@@ -7,7 +7,9 @@ reward model, what rloo itself adds: the policy gathered once for generation and
 tokens), lockstep decoding without gathering (processes whose completions end at different steps),
 under FSDP the training pass's log-probs and gradients through accelerate's unit layout, and frozen
 models sharded by ``distributed.shard_frozen`` / ``partition_frozen`` (reference log-probs, reward
-model scores on token ids and on text) — each equal to the unsharded model.
+model scores on token ids and on text) — each equal to the unsharded model; and tests/checkpoint_worker.py
+the checkpoints of a policy whose optimizer state is shared out (FSDP2, ZeRO-2, ZeRO-3): saved by two
+processes, resumed by two others, parameters and optimizer state exactly as they were.
 """
 
 import importlib.util
@@ -21,22 +23,27 @@ from pathlib import Path
 import pytest
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
+CHECKPOINT_WORKER = Path(__file__).with_name("checkpoint_worker.py")
+
+
+def torchrun_worker(*args) -> subprocess.CompletedProcess:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(port), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
 
 
 @pytest.mark.parametrize("kind", ["fsdp", "zero3"])
 def test_sharded_pieces_equal_the_unsharded_model(tiny_model_dir, tiny_policy_reward_model_dir, tmp_path, kind):
     if kind == "zero3" and importlib.util.find_spec("deepspeed") is None:
         pytest.fail("deepspeed is not installed: the test extra installs it (pip install -e '.[test]')")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "found"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(port), str(WORKER), kind, str(tiny_model_dir),
-                           str(tiny_policy_reward_model_dir), str(out)],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun_worker(WORKER, kind, tiny_model_dir, tiny_policy_reward_model_dir, out)
     found = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
     assert found[0]["decode_steps"] != found[1]["decode_steps"]
     assert found[0]["lockstep_steps"] == found[1]["lockstep_steps"] == max(f["decode_steps"] for f in found)
@@ -48,3 +55,49 @@ def test_sharded_pieces_equal_the_unsharded_model(tiny_model_dir, tiny_policy_re
             assert f["logprob_diff"] <= 1e-6 and f["grad_diff"] <= 1e-6, f
         assert f["reference_sharded"] and f["reference_diff"] <= 1e-6, f
         assert f["reward_sharded"] and f["reward_ids_diff"] <= 1e-5 and f["reward_text_diff"] <= 1e-5, f
+
+
+def test_sharded_checkpoints_save_on_two_processes_and_resume_exactly_on_two(tiny_model_dir, tmp_path):
+    """FSDP2, ZeRO-2 and ZeRO-3: each process writes its part of rloo's step folder, process 0 commits it;
+    two new processes load it as a resumed run does: every parameter, master weight and Adam moment, the
+    learning rate and the schedule as they were, the reference the start model's, and the next step the
+    uninterrupted run's, exactly."""
+    if importlib.util.find_spec("deepspeed") is None:
+        pytest.fail("deepspeed is not installed: the test extra installs it (pip install -e '.[test]')")
+    from rloo.checkpoint import committed_checkpoints, read_checkpoint, verify
+
+    torchrun_worker(CHECKPOINT_WORKER, "save", tiny_model_dir, tmp_path)
+    for layout, part in (("fsdp", "sharded"), ("zero2", "deepspeed"), ("zero3", "deepspeed")):
+        folder = tmp_path / layout
+        saved = committed_checkpoints(folder)
+        assert [p.name for p in saved] == ["step-000002"], layout
+        verify(saved[0])  # every file each process wrote is named in COMMITTED, size and sha256
+        committed = json.loads((saved[0] / "COMMITTED").read_text())["files"]
+        assert len([name for name in committed if name.startswith(f"{part}/")]) >= 2, (layout, committed)
+        assert not (saved[0] / "model.safetensors").exists() and not (saved[0] / "optimizer.safetensors").exists()
+        assert read_checkpoint(saved[0])[0]["layout"] == layout
+        assert (folder / "checkpoints" / "reference" / "COMMITTED").is_file()
+        assert not list((folder / "checkpoints").glob(".tmp-*"))
+    assert all(p.suffix == ".safetensors" for p in (tmp_path / "fsdp" / "checkpoints" / "step-000002" / "sharded").iterdir())
+    # FSDP2's save at step 3 failed in process 1's part (a file-size limit there): one line on each process,
+    # the step-2 checkpoint intact (asserted above), no staging folder left
+    failed = [json.loads((tmp_path / "fsdp" / f"failed.{rank}").read_text()) for rank in (0, 1)]
+    assert all(f is not None and "could not write checkpoint" in f and "step-000003" in f for f in failed), failed
+    assert all("process 1: File too large (OSError)" in f for f in failed), failed
+    assert "\n" not in failed[0] + failed[1], failed
+    torchrun_worker(CHECKPOINT_WORKER, "resume", tiny_model_dir, tmp_path)
+    for rank in (0, 1):
+        found = json.loads((tmp_path / f"found.{rank}").read_text())
+        for layout in ("fsdp", "zero2", "zero3"):
+            f = found[layout]
+            assert f["layout"] == layout
+            assert f["state_diff"] == 0.0 and f["reference_diff"] == 0.0 and f["after_step_diff"] == 0.0, (layout, f)
+            assert f["moved"] > 0, (layout, f)
+    # one process without FSDP cannot take an FSDP2 checkpoint, even told to ignore mismatches: one line
+    from rloo import train
+    from rloo.errors import CheckpointError
+    from test_train_e2e import tiny_config
+
+    with pytest.raises(CheckpointError, match="laid out for fsdp, this run is whole"):
+        train(tiny_config(tiny_model_dir, tmp_path / "fsdp", resume_from_checkpoint="latest",
+                          resume_ignore_mismatch=True))

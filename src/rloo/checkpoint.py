@@ -10,7 +10,9 @@ Layout under ``<output_dir>/checkpoints/``::
         rollout-rank<r>.safetensors  process r's buffered generation batch, when the next step reuses it
         state.json              the rest: step, data position, scheduler, optimizer groups, and per
                                 process python and numpy RNG, counters, rollout texts; eval_before,
-                                the resolved config
+                                the resolved config, the layout ("whole", or FSDP / DeepSpeed's)
+        sharded/ or deepspeed/  in place of the model and optimizer files under FSDP2 / DeepSpeed: what
+                                each process holds, written by every process (shards.py)
         COMMITTED               written last: {"step": N, "files": {name: {"size", "sha256"}}}
 
 A save writes everything into ``.tmp-step-000040``, fsyncs each file, writes COMMITTED, renames the
@@ -93,10 +95,13 @@ def _sha256(path: Path) -> str:
 
 
 def _commit(tmp: Path, final: Path, step: int) -> None:
-    """fsync every file, write COMMITTED (each file's size and sha256) last, rename into place, fsync the parent."""
-    names = sorted(p.name for p in tmp.iterdir())
+    """fsync every file (those in sub-folders too: a sharded save's), write COMMITTED (each file's size and
+    sha256) last, rename into place, fsync the parent."""
+    names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in names:
         _fsync(tmp / name)
+    for folder in sorted({(tmp / name).parent for name in names} - {tmp}):
+        _fsync(folder)
     files = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
     _write_json(tmp / COMMIT_MARKER, {"step": step, "files": files})
     _fsync(tmp / COMMIT_MARKER)
@@ -107,56 +112,99 @@ def _commit(tmp: Path, final: Path, step: int) -> None:
     _fsync(final.parent)
 
 
-def _atomic_folder(final: Path, step: int, write) -> Path:
-    """Run ``write(tmp_folder)`` and commit; on any OSError remove the partial folder and raise one line."""
-    parent = final.parent
-    tmp = parent / f".tmp-{final.name}"
+def staging(final: Path) -> Path:
+    return final.parent / f".tmp-{final.name}"
+
+
+def stage(final: Path) -> Path:
+    """An empty staging folder for ``final`` (stale ones removed), for every process of a sharded save to
+    write its part into before the main process commits it; one line on failure."""
+    tmp = staging(final)
+    try:
+        _prepare(final.parent)
+        tmp.mkdir()
+    except OSError as err:
+        _failed(final, err)
+    return tmp
+
+
+def _prepare(parent: Path) -> None:
+    if not parent.is_dir():
+        parent.mkdir(parents=True)
+        _fsync(parent.parent)
+    for stale in parent.glob(".tmp-*"):  # left by a save that was killed (one writer: the main process)
+        shutil.rmtree(stale)
+
+
+def _failed(final: Path, err: BaseException) -> None:
+    """Remove the partial folder; raise one line that names what is still safe."""
+    shutil.rmtree(staging(final), ignore_errors=True)
+    previous = [p.name for p in committed_checkpoints(final.parent.parent)]
+    kept = f"the newest committed checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint"
+    reason = " ".join(str(getattr(err, "strerror", None) or err).split())
+    raise CheckpointError(f"could not write checkpoint {final}: {reason} ({type(err).__name__}); {kept}") from err
+
+
+def _atomic_folder(final: Path, step: int, write, staged: bool = False) -> Path:
+    """Run ``write(tmp_folder)`` and commit; on any OSError remove the partial folder and raise one line.
+    ``staged``: the staging folder already holds what the other processes wrote (``stage``)."""
+    tmp = staging(final)
     if (final / COMMIT_MARKER).is_file():  # this step's state is already committed (a failure right after a save)
         return final
     try:
-        if not parent.is_dir():
-            parent.mkdir(parents=True)
-            _fsync(parent.parent)
-        for stale in parent.glob(".tmp-*"):  # left by a save that was killed (one writer: the main process)
-            shutil.rmtree(stale)
-        tmp.mkdir()
+        if not staged:
+            _prepare(final.parent)
+            tmp.mkdir()
         write(tmp)
         _commit(tmp, final, step)
     except (OSError, SafetensorError, TypeError, ValueError) as err:  # safetensors reports a full disk as SafetensorError
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = [p.name for p in committed_checkpoints(parent.parent)]
-        kept = f"the newest committed checkpoint ({previous[-1]}) is intact" if previous else "no earlier checkpoint"
-        reason = " ".join(str(getattr(err, "strerror", None) or err).split())
-        raise CheckpointError(f"could not write checkpoint {final}: {reason} ({type(err).__name__}); {kept}") from err
+        _failed(final, err)
     return final
 
 
-def save_reference(output_dir: str | Path, reference: torch.nn.Module) -> Path:
-    """The reference policy, once per run (resume must not take it from a later policy)."""
+def reference_saved(output_dir: str | Path) -> bool:
+    return (checkpoints_dir(output_dir) / REFERENCE / COMMIT_MARKER).is_file()
+
+
+def save_reference(output_dir: str | Path, reference: torch.nn.Module, tensors: dict | None = None) -> Path:
+    """The reference policy, once per run (resume must not take it from a later policy); ``tensors``: its
+    weights gathered from the shards (FSDP2 / ZeRO-3, shards.full_weights), else the model's own."""
     final = checkpoints_dir(output_dir) / REFERENCE
     if (final / COMMIT_MARKER).is_file():
         return final
+    if tensors is not None:
+        return _atomic_folder(final, 0, lambda tmp: save_file(tensors, str(tmp / "model.safetensors")))
     return _atomic_folder(final, 0, lambda tmp: save_model(reference, str(tmp / "model.safetensors")))
 
 
-def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                    states: list[TrainState], config: dict, fingerprint: dict, save_total_limit: int | None) -> Path:
+def step_folder(output_dir: str | Path, step: int) -> Path:
+    return checkpoints_dir(output_dir) / f"step-{step:06d}"
+
+
+def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None,
+                    scheduler, states: list[TrainState], config: dict, fingerprint: dict,
+                    save_total_limit: int | None, sharded: dict | None = None) -> Path:
     """Write step ``states[0].step`` atomically, then drop the oldest beyond ``save_total_limit``.
 
     ``states``: one per process (rank order); they share step, data position, schedule and evaluation,
     and each keeps its own RNG, counters and buffered generation batch ("ranks" in state.json, tensors
-    under "rank<r>." in rng.safetensors and in rollout-rank<r>.safetensors)."""
+    under "rank<r>." in rng.safetensors and in rollout-rank<r>.safetensors). ``sharded``: the processes
+    already wrote weights and optimizer state into the staging folder (shards.save_sharded); its
+    ``layout`` and the optimizer's JSON part go in state.json."""
     first = states[0]
-    final = checkpoints_dir(output_dir) / f"step-{first.step:06d}"
+    final = step_folder(output_dir, first.step)
 
     def write(tmp: Path) -> None:
-        if has_adapters(policy):  # LoRA: what trains; the base is the start model's, loaded again on resume
-            save_file({name: p.detach().contiguous().cpu() for name, p in policy.named_parameters() if p.requires_grad},
-                      str(tmp / ADAPTER_FILE))
+        if sharded is not None:
+            opt_json = sharded["optimizer"]
         else:
-            save_model(policy, str(tmp / "model.safetensors"))
-        opt_tensors, opt_json = split_optimizer(optimizer.state_dict())
-        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+            if has_adapters(policy):  # LoRA: what trains; the base is the start model's, loaded again on resume
+                save_file({name: p.detach().contiguous().cpu() for name, p in policy.named_parameters()
+                           if p.requires_grad}, str(tmp / ADAPTER_FILE))
+            else:
+                save_model(policy, str(tmp / "model.safetensors"))
+            opt_tensors, opt_json = split_optimizer(optimizer.state_dict())
+            save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         ranks, rng_tensors = [], {}
         for rank, state in enumerate(states):
             rng_json, tensors = state.rng
@@ -171,10 +219,10 @@ def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module, optimizer: 
             "step": first.step, "sampler": first.sampler, "num_processes": len(states),
             "scheduler": jsonable(first.scheduler or scheduler.state_dict()), "optimizer": opt_json,
             "eval_before": first.eval_before, "config": config, "fingerprint": fingerprint, "ranks": ranks,
-            "scaler": first.scaler,
+            "scaler": first.scaler, "layout": sharded["layout"] if sharded is not None else "whole",
         })
 
-    _atomic_folder(final, first.step, write)
+    _atomic_folder(final, first.step, write, staged=sharded is not None)
     if save_total_limit:
         for old in committed_checkpoints(output_dir)[:-save_total_limit]:
             if old != final:
@@ -188,7 +236,7 @@ def remove_checkpoint(folder: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- read
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
@@ -258,10 +306,11 @@ def read_checkpoint(path: Path, hashes: bool = True) -> tuple[dict, dict[str, di
     except (OSError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path}: state.json unreadable ({err})") from None
     check_state(meta, path)
-    tensors = {name: _load_tensors(path / f"{name}.safetensors") for name in ("optimizer", "rng")}
+    tensors = {name: load_tensors(path / f"{name}.safetensors") for name in ("optimizer", "rng")
+               if meta.get("layout", "whole") == "whole" or name == "rng"}  # sharded: the processes' own files
     for rank, part in enumerate(meta["ranks"]):
         if part["rollout"] is not None:
-            tensors[f"rollout-rank{rank}"] = _load_tensors(path / f"rollout-rank{rank}.safetensors")
+            tensors[f"rollout-rank{rank}"] = load_tensors(path / f"rollout-rank{rank}.safetensors")
     return meta, tensors
 
 
@@ -276,7 +325,7 @@ def rank_state(meta: dict, tensors: dict, rank: int) -> tuple[dict, tuple[dict, 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:
     if (folder / ADAPTER_FILE).is_file():
-        tensors, trainable = _load_tensors(folder / ADAPTER_FILE), {n: p for n, p in model.named_parameters() if p.requires_grad}
+        tensors, trainable = load_tensors(folder / ADAPTER_FILE), {n: p for n, p in model.named_parameters() if p.requires_grad}
         if tensors.keys() != trainable.keys():
             raise CheckpointError(f"checkpoint {folder}: its adapter does not fit the model's (missing "
                                   f"{sorted(trainable.keys() - tensors.keys())[:3]}, unexpected {sorted(tensors.keys() - trainable.keys())[:3]})")
@@ -285,7 +334,7 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
                 trainable[name].copy_(tensor)
         return
     file = folder / "model.safetensors"
-    _load_tensors(file)  # a pickle or a damaged file fails here, with the one-line message
+    load_tensors(file)  # a pickle or a damaged file fails here, with the one-line message
     missing, unexpected = load_model(model, str(file), strict=False)
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {folder}: weights do not fit the model (missing {sorted(missing)[:3]}, "

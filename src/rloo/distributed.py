@@ -10,6 +10,7 @@ strategy itself.
 - ``lockstep(accelerator, gather)``: where weights are not gathered, every process decodes until all are done.
 - ``full_state_dict(accelerator, model)``: every weight, on process 0, for the run folder.
 - ``raise_on_every_process(accelerator, failure, elsewhere)``: one process's failure stops them all.
+- ``replicated(accelerator)``: every process holds the whole policy and optimizer state.
 
 The policy itself is sharded by ``accelerator.prepare`` (accelerate's own FSDP2 / DeepSpeed code).
 """
@@ -40,8 +41,9 @@ def strategy(accelerator: Accelerator) -> str:
     return "ddp" if accelerator.num_processes > 1 else "single"
 
 
-def checkpointable(accelerator: Accelerator) -> bool:
-    """rloo's checkpoints hold one whole optimizer state: not what FSDP or DeepSpeed (every stage) keep."""
+def replicated(accelerator: Accelerator) -> bool:
+    """Every process holds the whole policy and optimizer state (one process, DDP); FSDP and DeepSpeed (every
+    stage) share the optimizer state out, and their checkpoints are written by every process (shards.py)."""
     return strategy(accelerator) in ("single", "ddp")
 
 
@@ -59,9 +61,6 @@ def setup_strategy(accelerator: Accelerator, cfg) -> None:
     if name == "fsdp" and not accelerator.is_fsdp2:
         raise ValueError("accelerate config: FSDP version 1 is not supported; set fsdp_version: 2 "
                          "(configs/accelerate/fsdp.yaml)")
-    if not checkpointable(accelerator) and cfg.save_steps:
-        raise ValueError(f"save_steps={cfg.save_steps}: rloo's checkpoints hold one whole optimizer state, which "
-                         f"{name} shards over the processes; pass --save_steps 0 (the final model is still written)")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         config = accelerator.state.deepspeed_plugin.deepspeed_config
         # A micro-batch is per_device_train_batch_size completions; DeepSpeed clips, so it gets rloo's norm.
@@ -196,9 +195,16 @@ def raise_on_every_process(accelerator: Accelerator, failure: BaseException | No
                            elsewhere: Callable[[], BaseException]) -> None:
     """Raise ``failure`` here, or ``elsewhere()`` when another process failed (one all-reduce), so that no
     process is left waiting in a collective its failed peer never reaches."""
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([failure is not None], dtype=torch.int32, device=accelerator.device)
-        if accelerator.reduce(flag, "max").item() and failure is None:
+    raise_everywhere(failure, elsewhere, accelerator.device)
+
+
+def raise_everywhere(failure: BaseException | None, elsewhere: Callable[[], BaseException],
+                     device: torch.device) -> None:
+    """``raise_on_every_process`` for the default process group (none started: this process alone)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        flag = torch.tensor([failure is not None], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and failure is None:
             failure = elsewhere()
     if failure is not None:
         raise failure

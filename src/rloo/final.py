@@ -49,7 +49,7 @@ def write_final(out: Path, write: Callable[[Path], None], checkpoint: Path | Non
         reason = " ".join(str(getattr(err, "strerror", None) or err).split())
         kept = (f"the trained weights are in checkpoint {checkpoint}; write the folder again with `rloo train "
                 f"--resume_from_checkpoint {checkpoint}`" if checkpoint is not None else
-                "no checkpoint holds the trained weights (FSDP / DeepSpeed runs write none)")
+                "no checkpoint holds the trained weights")
         raise FinalWriteError(f"could not write the final model to {out}: {reason} ({type(err).__name__}); the "
                               f"earlier model files there are untouched; {kept}") from err
     os.replace(tmp, out / READY)

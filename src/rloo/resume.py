@@ -25,12 +25,14 @@ from rloo.checkpoint import (
     resolve_resume_path,
     save_checkpoint,
     save_reference,
+    step_folder,
     verify,
 )
-from rloo.distributed import checkpointable, raise_on_every_process
+from rloo.distributed import raise_on_every_process, replicated, strategy
 from rloo.errors import CheckpointError
 from rloo.rollout import Rollout
 from rloo.run import Run
+from rloo.shards import load_reference, read_parts, save_sharded
 from rloo.train_state import TrainState, capture_rng, optimizer_state, restore_rng, rollout_fields
 
 logger = logging.getLogger(__name__)
@@ -45,18 +47,21 @@ def snapshot(run: Run, state: TrainState) -> TrainState:
                       scaler=dict(scaler.state_dict()) if scaler is not None else None)
 
 
-def save(run: Run, state: TrainState) -> Path | None:
+def save(run: Run, state: TrainState) -> Path:
     """A committed checkpoint of ``state`` (every process's, gathered) with the current weights and
-    optimizer; written by the main process while the others wait. None (and a warning) under FSDP /
-    DeepSpeed, whose optimizer state is sharded (distributed.checkpointable)."""
-    if not checkpointable(run.accelerator):
-        logger.warning("no checkpoint at step %d: FSDP / DeepSpeed shard the optimizer state, which rloo's "
-                       "checkpoints do not hold", state.step)
-        return None
+    optimizer; written by the main process while the others wait, or, where the optimizer state is shared
+    out (FSDP2, DeepSpeed), each process's part by that process (shards.py)."""
     states = [state]
     if run.accelerator.num_processes > 1:
         states = [None] * run.accelerator.num_processes
         torch.distributed.all_gather_object(states, _to_cpu(state))  # in memory; files hold no pickle
+    layout = strategy(run.accelerator)
+    if not replicated(run.accelerator):
+        path = save_sharded(layout, run.output_dir, states, run.policy, _torch_optimizer(run.optimizer), run.reference,
+                            run.scheduler, run.cfg.to_dict(), fingerprint(run), run.cfg.save_total_limit,
+                            run.accelerator.device)
+        logger.info("checkpoint %s", path)
+        return path
     path, error = None, None
     if run.accelerator.is_main_process:
         try:
@@ -71,7 +76,12 @@ def save(run: Run, state: TrainState) -> Path | None:
     # everyone learns whether process 0's save worked (and waits for it)
     raise_on_every_process(run.accelerator, error,
                            lambda: CheckpointError("process 0 could not write the checkpoint (its message is there)"))
-    return path if path is not None else checkpoints_dir(run.output_dir) / f"step-{state.step:06d}"
+    return path if path is not None else step_folder(run.output_dir, state.step)
+
+
+def _torch_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper (what torch.distributed.checkpoint reads)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def drop_final_checkpoint(final: Path) -> None:
@@ -106,8 +116,14 @@ def fingerprint(run: Run) -> dict:
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps, "num_iterations": cfg.num_iterations,
         "num_processes": cfg.sizes.num_processes, "architecture": architecture, "precision": run.precision.name,
         "steps_per_generation": cfg.sizes.num_steps_per_generation,
-        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16],
+        "tokenizer": hashlib.sha256(vocab.encode()).hexdigest()[:16], "layout": layout_name(run.accelerator),
     }
+
+
+def layout_name(accelerator) -> str:
+    """How the checkpoint's weights and optimizer state are laid out: 'whole' (one process, DDP) or the
+    strategy that shares them out ('fsdp', 'zero1'..'zero3'), which a resume must run under again."""
+    return "whole" if replicated(accelerator) else strategy(accelerator)
 
 
 def resume(run: Run) -> TrainState:
@@ -127,7 +143,8 @@ def resume(run: Run) -> TrainState:
     saved = meta.get("fingerprint", {})
     # Checkpoints from before these keys: one generation per step, the weights in torch_dtype, no autocast.
     old_dtype = {"auto": "float32"}.get(meta["config"].get("torch_dtype", "float32"), meta["config"].get("torch_dtype"))
-    saved = {"steps_per_generation": 1, "precision": f"{old_dtype} weights, {old_dtype} compute", **saved}
+    saved = {"steps_per_generation": 1, "precision": f"{old_dtype} weights, {old_dtype} compute", "layout": "whole",
+             **saved}
     differences = [f"{key} {saved.get(key)!r} -> {now[key]!r}" for key in now if saved.get(key) != now[key]]
     if differences and not cfg.resume_ignore_mismatch:
         raise CheckpointError(f"cannot resume from {path}: this run differs from it in {'; '.join(differences)} "
@@ -137,13 +154,21 @@ def resume(run: Run) -> TrainState:
     if kept:
         logger.warning("resuming keeps the checkpoint's optimizer and schedule: %s (the values given now are not used)",
                        ", ".join(kept))
-    load_weights(run.accelerator.unwrap_model(run.policy), path)
+    layout = strategy(run.accelerator)
+    if meta.get("layout", "whole") != layout_name(run.accelerator):  # even with resume_ignore_mismatch
+        raise CheckpointError(f"cannot resume from {path}: its weights and optimizer state are laid out for "
+                              f"{meta.get('layout', 'whole')}, this run is {layout_name(run.accelerator)} (resume with "
+                              "the accelerate config it was written with)")
+    if meta.get("layout", "whole") == "whole":
+        load_weights(run.accelerator.unwrap_model(run.policy), path)
+        run.optimizer.load_state_dict(optimizer_state(meta["optimizer"], tensors["optimizer"]))
+    else:
+        read_parts(layout, path, run.policy, _torch_optimizer(run.optimizer), meta["optimizer"])
     if run.reference is not None:
         reference = path.parent / REFERENCE
         if not (reference / COMMIT_MARKER).is_file():
             raise CheckpointError(f"cannot resume from {path}: beta > 0 but {reference} holds no committed reference")
-        load_weights(run.reference, reference)
-    run.optimizer.load_state_dict(optimizer_state(meta["optimizer"], tensors["optimizer"]))
+        load_reference(layout, run.reference, reference)
     run.scheduler.load_state_dict(meta["scheduler"])
     if run.accelerator.scaler is not None and meta.get("scaler"):  # fp16: the loss scale where it stopped
         run.accelerator.scaler.load_state_dict(meta["scaler"])

@@ -19,7 +19,7 @@ from rloo.adapters import add_adapters, has_adapters, integrated
 from rloo.checkpoint import resolve_resume_path
 from rloo.config import RLOOConfig
 from rloo.data import PromptSampler, load_prompt_dataset
-from rloo.distributed import checkpointable, lockstep, prepare_frozen, setup_strategy, strategy
+from rloo.distributed import lockstep, prepare_frozen, replicated, setup_strategy, strategy
 from rloo.errors import RunFolderError
 from rloo.generation import Generator, build_generator
 from rloo.guard import UpdateGuard
@@ -216,7 +216,7 @@ def _build(cfg: RLOOConfig, accelerator: Accelerator, output_dir: Path, lock, mo
     scheduler = build_scheduler(cfg, optimizer, sizes.max_steps)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     policy.train()
-    guard = UpdateGuard(policy, optimizer, undoable=checkpointable(accelerator) and cfg.undo_nonfinite_updates)
+    guard = UpdateGuard(policy, optimizer, undoable=replicated(accelerator) and cfg.undo_nonfinite_updates)
     if reference is not None:  # sharded like the policy under FSDP / ZeRO-3, else a whole copy on the device
         reference = prepare_frozen(accelerator, reference)
     for fn in sources.fns:

@@ -108,7 +108,7 @@ def _train(run: Run) -> TrainResult:
         if not cfg.resume_from_checkpoint:
             stop_if_asked(run, state)
         train_loop(run, state, log)
-        final = save(run, snapshot(run, state))  # the trained weights, before anything else can fail (None: sharded)
+        final = save(run, snapshot(run, state))  # the trained weights, before anything else can fail
         eval_after = run_evaluation(run, sizes.max_steps)
         stop_if_asked(run, state)  # a signal during the last evaluation: resuming redoes only the evaluation
         if eval_after is not None:
@@ -146,9 +146,7 @@ def train_loop(run: Run, state: TrainState, log: RunLog) -> None:
                 raise NonFiniteWeightsError(f"step {step}: {err}; nothing saved, {kept}") from err
             except (RewardFunctionError, NonFiniteTrainingError, GenerationServerError) as err:
                 where = save(run, before)
-                kept = (f"the state before this step is saved in {where}" if where is not None else
-                        "no checkpoint holds it (FSDP / DeepSpeed runs write none)")
-                raise type(err)(f"step {step}: {err}; {kept}") from err
+                raise type(err)(f"step {step}: {err}; the state before this step is saved in {where}") from err
             log.step(metrics, rows)  # phase 5
             if log.is_logged(step) and progress.disable and run.accelerator.is_main_process:  # no bar: a line
                 print(f"step {step}/{sizes.max_steps} reward {_fmt(metrics['reward'])} kl {_fmt(metrics['kl'])} "
