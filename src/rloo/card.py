@@ -90,14 +90,14 @@ def model_label(name: str) -> tuple[str, str | None]:
     return f"[`{name}`](https://huggingface.co/{name})", name
 
 
-def reproduce_command(cfg, model_name: str, out: Path) -> str:
-    """``rloo train`` with the preset and every field whose value differs from it (from the library defaults
-    without one); local paths by their folder's name, since they exist only on this machine."""
+def reproduce_command(cfg, model_name: str, out: Path, command: str = "train") -> str:
+    """``rloo <command>`` with the preset and every field whose value differs from it (from the library
+    defaults without one); local paths by their folder's name, since they exist only on this machine."""
     from rloo.config import RLOOConfig, load_config, preset_names
 
-    preset = cfg.preset if cfg.preset in preset_names() else None
-    base = (load_config(preset) if preset else RLOOConfig()).to_dict()
-    parts = ["rloo", "train", *(["--config", preset] if preset else [])]
+    preset = cfg.preset if command == "train" and cfg.preset in preset_names() else None
+    base = (load_config(preset) if preset else RLOOConfig() if command == "train" else type(cfg)()).to_dict()
+    parts = ["rloo", command, *(["--config", preset] if preset else [])]
     values = dict(cfg.to_dict(), model_name_or_path=model_name)
     for name, value in values.items():
         if name in NOT_REPRODUCED or value == base.get(name):

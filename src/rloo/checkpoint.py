@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,8 @@ from rloo.adapters import has_adapters
 from rloo.errors import CheckpointError
 from rloo.files import fsync as _fsync
 from rloo.train_state import TrainState, jsonable, split_optimizer, split_rollout, tagged, untag
+
+logger = logging.getLogger(__name__)
 
 COMMIT_MARKER = "COMMITTED"
 REFERENCE = "reference"
@@ -228,6 +231,17 @@ def save_checkpoint(output_dir: str | Path, policy: torch.nn.Module | None, opti
             if old != final:
                 remove_checkpoint(old)
     return final
+
+
+def drop_newer_checkpoints(output_dir: str | Path, resumed: Path, step: int) -> None:
+    """A run resumed from an earlier checkpoint of its own folder: the checkpoints past it are of the abandoned
+    branch (``latest`` must not find them)."""
+    if resumed.parent != checkpoints_dir(output_dir):
+        return
+    for newer in committed_checkpoints(output_dir):
+        if int(newer.name.split("-")[1]) > step:
+            logger.warning("removing %s: the run continues from the earlier %s", newer, resumed.name)
+            remove_checkpoint(newer)
 
 
 def remove_checkpoint(folder: Path) -> None:

@@ -1,4 +1,4 @@
-"""``rloo train | eval | generate | vllm-serve | report``: options are config field names, as TRL users type them."""
+"""``rloo train | sft | eval | generate | vllm-serve | report``: options are config field names, as TRL users type them."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from rloo.errors import RlooError, TrainingInterrupted, one_line
 logger = logging.getLogger("rloo")
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One ``--field`` per config field, grouped by section, help from the field's help text."""
+def add_config_options(parser: argparse.ArgumentParser, sections: dict[str, type] | None = None) -> None:
+    """One ``--field`` per config field (of ``sections``: rloo train's by default), grouped by section, help from
+    the field's help text."""
     parser.add_argument("--config", default=None,
-                        help=f"Preset name ({', '.join(preset_names())}) or a YAML file; default tldr-tiny.")
-    for section, cls in SECTIONS.items():
+                        help=f"Preset name ({', '.join(preset_names())}) or a YAML file; default tldr-tiny." if sections
+                        is None else "A YAML file of field: value; default: the library defaults (TRL's).")
+    for section, cls in (sections or SECTIONS).items():
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
             kind = str(f.type)
@@ -52,19 +54,44 @@ def train_config(args: argparse.Namespace):
     """The preset or YAML with the options on top; resuming without --config starts from the
     checkpoint's own resolved config instead."""
     overrides = overrides_from(args)
-    resume = overrides.get("resume_from_checkpoint")
-    if resume is None or args.config is not None:
+    if overrides.get("resume_from_checkpoint") is None or args.config is not None:
         return load_config(args.config, overrides, origin="flag")
-    from rloo.checkpoint import read_config, resolve_resume_path
     from rloo.config import RLOOConfig
 
+    return resumed_config(overrides, RLOOConfig)
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from rloo.sft import sft
+    from rloo.sft_config import SFTConfig
+
+    overrides = overrides_from(args)
+    if overrides.get("resume_from_checkpoint") is not None and args.config is None:
+        cfg = resumed_config(overrides, SFTConfig)
+    else:
+        cfg = load_config(args.config, overrides, origin="flag", config_class=SFTConfig)
+    result = sft(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    print(f"run folder: {result.output_dir}")
+    if result.eval_before and result.eval_after:
+        print(f"held-out loss {result.eval_before['loss']:.4f} -> {result.eval_after['loss']:.4f} "
+              f"({result.eval_after['num_rows']} rows)")
+    return 0
+
+
+def resumed_config(overrides: dict, config_class):
+    """Resuming without --config: the checkpoint's own resolved config, the options on top."""
+    from rloo.checkpoint import read_config, resolve_resume_path
+
+    resume = overrides["resume_from_checkpoint"]
     if resume == "latest" and overrides.get("output_dir") is None:
         raise ValueError("resume_from_checkpoint=latest needs --output_dir (the run folder whose newest checkpoint "
                          "to continue)")
     path = resolve_resume_path(resume, overrides.get("output_dir") or "")
     saved = {key: value for key, value in read_config(path).items()
              if key not in ("output_dir", "resume_from_checkpoint", "resume_ignore_mismatch")}
-    cfg = RLOOConfig().update(saved, "checkpoint")
+    cfg = config_class().update(saved, "checkpoint")
     cfg.output_dir = str(path.parent.parent)  # the run folder the checkpoint is in (<run>/checkpoints/step-N)
     return cfg.update(overrides, "flag")
 
@@ -206,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
     train = commands.add_parser("train", help="Train with RLOO (default preset: tldr-tiny).", allow_abbrev=False)
     add_config_options(train)
+    from rloo.sft_config import SFT_SECTIONS
+
+    supervised = commands.add_parser("sft", help="Supervised fine-tuning on prompt/completion, messages or text rows "
+                                     "(TRL's SFTConfig fields).", allow_abbrev=False)
+    add_config_options(supervised, SFT_SECTIONS)
     evaluate = commands.add_parser("eval", help="Score a model's completions on held-out prompts.", allow_abbrev=False)
     evaluate.add_argument("--model", required=True, help="Model folder (a run folder or any causal LM) or hub id.")
     evaluate.add_argument("--dataset", default=None, help="Prompt dataset (default: the config's dataset_name).")
@@ -251,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parse_known_strict(parser, argv)
-    handlers = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "vllm-serve": cmd_vllm_serve,
+    handlers = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate, "vllm-serve": cmd_vllm_serve,
                 "report": cmd_report}
     try:
         return handlers[args.command](args)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rloo.files import parse_yaml, read_utf8
-from rloo.schema import FIELD_SECTION, SECRET_FIELDS, SECTIONS
+from rloo.schema import SECRET_FIELDS, SECTIONS
 
 DEFAULT_PRESET = "tldr-tiny"
 
@@ -25,23 +25,33 @@ DEFAULT_PRESET = "tldr-tiny"
 ALIASES = {"dtype": "torch_dtype", "dataset_test_split": "dataset_eval_split"}
 
 
-class RLOOConfig:
-    """All options of a run. ``RLOOConfig(learning_rate=3e-6, num_generations=4)`` takes flat field names
-    (as TRL's RLOOConfig does); ``cfg.model``, ``cfg.training``... hold the sections; ``cfg.learning_rate`` reads through.
+class Schema:
+    """A stage's fields: its sections (dataclasses of fields), which section holds each field, and the TRL /
+    transformers fields it does not have yet (with what to do instead)."""
 
-    ``origins`` says where each value that is not the library default came from ("preset tldr-tiny",
-    "file run.yaml", "flag", "given", "checkpoint"): the run prints it at start (``describe``)."""
+    def __init__(self, sections: dict[str, type], not_yet: dict[str, str]) -> None:
+        self.sections, self.not_yet = sections, not_yet
+        self.field_section = {f.name: s for s, cls in sections.items() for f in dataclasses.fields(cls)}
+
+
+class Config:
+    """All options of one stage's run, over its ``SCHEMA``: ``RLOOConfig`` (``rloo train``), ``SFTConfig``
+    (``rloo sft``). Flat field names (``RLOOConfig(learning_rate=3e-6)``, as TRL's configs), the sections as
+    attributes, ``origins``: where each value that is not the library default came from ("preset
+    tldr-tiny", "file run.yaml", "flag", "given", "checkpoint"), printed at the start of a run (``describe``)."""
+
+    SCHEMA: Schema
 
     def __init__(self, **values: Any) -> None:
-        for name, cls in SECTIONS.items():
+        for name, cls in self.SCHEMA.sections.items():
             object.__setattr__(self, name, cls())
         object.__setattr__(self, "sizes", None)
         object.__setattr__(self, "origins", {})
         self.update(values, "given")
 
-    def update(self, values: dict[str, Any], origin: str = "given") -> "RLOOConfig":
+    def update(self, values: dict[str, Any], origin: str = "given") -> "Config":
         for key, value in values.items():
-            if key in SECTIONS and isinstance(value, dict):
+            if key in self.SCHEMA.sections and isinstance(value, dict):
                 self.update(value, origin)
             else:
                 self.set(key, value, origin)
@@ -49,24 +59,24 @@ class RLOOConfig:
 
     def set(self, name: str, value: Any, origin: str) -> None:
         name = ALIASES.get(name, name)
-        section = FIELD_SECTION.get(name)
+        section = self.SCHEMA.field_section.get(name)
         if section is None:
-            raise ValueError(unknown_key_message(name))
-        setattr(object.__getattribute__(self, section), name, coerce(name, value))
+            raise ValueError(unknown_key_message(name, self.SCHEMA))
+        setattr(object.__getattribute__(self, section), name, coerce(name, value, self.SCHEMA))
         self.origins[name] = origin
 
     def __getattr__(self, name: str) -> Any:
-        section = FIELD_SECTION.get(ALIASES.get(name, name))
+        section = type(self).SCHEMA.field_section.get(ALIASES.get(name, name))
         if section is None:
-            raise AttributeError(f"RLOOConfig has no field '{name}'")
+            raise AttributeError(f"{type(self).__name__} has no field '{name}'")
         return getattr(object.__getattribute__(self, section), ALIASES.get(name, name))
 
     def __setattr__(self, name: str, value: Any) -> None:
         self.set(name, value, self.origins.get(ALIASES.get(name, name), "given"))
 
-    def __deepcopy__(self, memo: dict) -> "RLOOConfig":
-        copied = RLOOConfig()
-        for name in SECTIONS:
+    def __deepcopy__(self, memo: dict) -> "Config":
+        copied = type(self)()
+        for name in self.SCHEMA.sections:
             object.__setattr__(copied, name, copy.deepcopy(object.__getattribute__(self, name), memo))
         object.__setattr__(copied, "origins", dict(self.origins))
         object.__setattr__(copied, "sizes", self.sizes)
@@ -74,19 +84,10 @@ class RLOOConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Flat {field: value}, the YAML written to the run folder: never the Hub token (the folder is uploaded)."""
-        return {f: None if f in SECRET_FIELDS else getattr(self, f) for f in FIELD_SECTION}
+        return {f: None if f in SECRET_FIELDS else getattr(self, f) for f in self.SCHEMA.field_section}
 
     def __repr__(self) -> str:
-        return f"RLOOConfig({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
-
-    def resolve(self, num_processes: int = 1, num_train_rows: int | None = None):
-        """Validate every field and compute the derived sizes (``rloo.sizes.Sizes``); errors are one line naming
-        the field."""
-        from rloo.sizes import resolve
-
-        sizes = resolve(self, num_processes, num_train_rows)
-        object.__setattr__(self, "sizes", sizes)
-        return sizes
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.to_dict().items())})"
 
     def describe(self) -> str:
         """Every field with its value, grouped by where it came from (printed at the start of a run)."""
@@ -108,25 +109,44 @@ NOT_YET = {
 }
 
 
-def unknown_key_message(key: str) -> str:
-    if key in NOT_YET:
-        return f"config field '{key}': {NOT_YET[key]}"
+class RLOOConfig(Config):
+    """All options of an RLOO run (``rloo train``). ``RLOOConfig(learning_rate=3e-6, num_generations=4)`` takes
+    flat field names (as TRL's RLOOConfig does); ``cfg.model``, ``cfg.training``... hold the sections;
+    ``cfg.learning_rate`` reads through."""
+
+    SCHEMA = Schema(SECTIONS, NOT_YET)
+
+    def resolve(self, num_processes: int = 1, num_train_rows: int | None = None):
+        """Validate every field and compute the derived sizes (``rloo.sizes.Sizes``); errors are one line naming
+        the field."""
+        from rloo.sizes import resolve
+
+        sizes = resolve(self, num_processes, num_train_rows)
+        object.__setattr__(self, "sizes", sizes)
+        return sizes
+
+
+def unknown_key_message(key: str, schema: Schema | None = None) -> str:
+    schema = schema or RLOOConfig.SCHEMA
+    if key in schema.not_yet:
+        return f"config field '{key}': {schema.not_yet[key]}"
     if key.startswith("lora_"):
         return f"config field '{key}': not a LoRA field of rloo's (lora_r, lora_alpha, lora_dropout, lora_target_modules, lora_modules_to_save, lora_task_type)"
-    close = difflib.get_close_matches(key, list(FIELD_SECTION) + list(ALIASES), n=1)
+    close = difflib.get_close_matches(key, list(schema.field_section) + list(ALIASES), n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"unknown config field '{key}'{hint}"
 
 
-def field_type(name: str) -> str:
+def field_type(name: str, schema: Schema | None = None) -> str:
     """The annotation of a field as a string ('int', 'list[float] | None', ...)."""
-    cls = SECTIONS[FIELD_SECTION[name]]
+    schema = schema or RLOOConfig.SCHEMA
+    cls = schema.sections[schema.field_section[name]]
     return str(next(f.type for f in dataclasses.fields(cls) if f.name == name))
 
 
-def coerce(name: str, value: Any) -> Any:
+def coerce(name: str, value: Any, schema: Schema | None = None) -> Any:
     """Convert a CLI/YAML value to the field's type, or raise one line naming the field."""
-    kind = field_type(name)
+    kind = field_type(name, schema)
     if isinstance(value, list) and len(value) == 1 and str(value[0]).lower() in ("none", "null") and "None" in kind:
         value = None  # `--reward_weights none` on the command line
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and "None" in kind):
@@ -189,11 +209,22 @@ OWN_RUN_FIELDS = ("model_name_or_path", "dataset_name", "reward_funcs", "reward_
 
 
 def load_config(name_or_path: str | None = None, overrides: dict[str, Any] | None = None,
-                origin: str = "given") -> RLOOConfig:
+                origin: str = "given", config_class: type[Config] | None = None) -> Config:
     """A preset name (``tldr-tiny``) or a YAML file, then ``overrides`` (their ``origin``: "flag" from the CLI);
     unknown keys are errors. Without a name: the default preset, unless the overrides name a model, a
-    dataset or rewards of their own, which start from the library defaults (TRL's where TRL has the field)."""
+    dataset or rewards of their own, which start from the library defaults (TRL's where TRL has the field).
+    ``config_class``: another stage's config (SFTConfig), which has no presets: a YAML file or the defaults."""
     overrides = overrides or {}
+    config_class = config_class or RLOOConfig
+    if config_class is not RLOOConfig:
+        if name_or_path is None:
+            return config_class().update(overrides, origin)
+        if not Path(name_or_path).is_file():
+            raise ValueError(f"--config '{name_or_path}': not a YAML file")
+        values = parse_yaml(read_utf8(name_or_path), f"--config {name_or_path}") or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config '{name_or_path}': expected a mapping of field: value")
+        return config_class().update(values, f"file {Path(name_or_path).name}").update(overrides, origin)
     if name_or_path is None and any(ALIASES.get(key, key) in OWN_RUN_FIELDS for key in overrides):
         return RLOOConfig().update(overrides, origin)
     name_or_path = name_or_path or DEFAULT_PRESET

@@ -52,6 +52,15 @@ def load_prompt_dataset(
     return ds
 
 
+def load_rows(name_or_path: str | datasets.Dataset, split: str = "train") -> datasets.Dataset:
+    """Rows of any columns (SFT rows, preference pairs), from what ``load_prompt_dataset`` reads; a 'prompt'
+    column, where there is one, is checked as there."""
+    ds = _load_any(name_or_path, split, "prompt")
+    if ds.num_rows == 0:
+        raise ValueError(f"dataset '{name_or_path}' (split {split!r}) is empty: no rows")
+    return ds
+
+
 def _load_any(name_or_path: str | datasets.Dataset, split: str, prompt_column: str) -> datasets.Dataset:
     if isinstance(name_or_path, datasets.Dataset):
         return name_or_path

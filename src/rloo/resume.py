@@ -16,8 +16,8 @@ import torch
 from rloo.checkpoint import (
     COMMIT_MARKER,
     REFERENCE,
-    checkpoints_dir,
     committed_checkpoints,
+    drop_newer_checkpoints,
     load_weights,
     rank_state,
     read_checkpoint,
@@ -183,11 +183,8 @@ def resume(run: Run) -> TrainState:
     rollout = None
     if rollout_parts is not None:
         rollout = Rollout(**rollout_fields(*rollout_parts, run.accelerator.device))
-    if path.parent == checkpoints_dir(run.output_dir) and run.accelerator.is_main_process:
-        for newer in committed_checkpoints(run.output_dir):  # past this one: the abandoned branch
-            if int(newer.name.split("-")[1]) > meta["step"]:
-                logger.warning("removing %s: the run continues from the earlier %s", newer, path.name)
-                remove_checkpoint(newer)
+    if run.accelerator.is_main_process:
+        drop_newer_checkpoints(run.output_dir, path, meta["step"])
     run.generator_stale = True  # a vLLM engine gets the checkpoint's weights before it next generates
     run.accelerator.wait_for_everyone()
     logger.info("resumed from %s (step %d)", path, meta["step"])

@@ -103,17 +103,7 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
     if train_dataset is None and cfg.dataset_name is None:
         raise ValueError("train_dataset: give the training prompts (train(..., train_dataset=...) or --dataset_name), "
                          "or start from a preset: --config tldr-tiny")
-    cuda = torch.cuda.is_available()
-    # accelerate keeps one AcceleratorState per process; a second run in it (a sweep, a test) may want another
-    # mixed precision, so the state is rebuilt as transformers' Trainer does between trials (the process
-    # group, PartialState, stays).
-    AcceleratorState._reset_state()
-    # cpu=True without CUDA: then torchrun / `accelerate launch --multi_gpu` processes form a gloo group.
-    # The process group waits for a slow peer at least as long as a reward call may take (torch's NCCL
-    # default, 10 min, would abort the others with a traceback before reward_timeout stops the slow one).
-    wait = timedelta(seconds=max(1800.0, (cfg.reward_timeout or 0.0) + 300.0))
-    accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision_mode(cfg, cuda),
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=wait)])
+    accelerator = make_accelerator(cfg)
     setup_strategy(accelerator, cfg)  # DDP, FSDP2 or DeepSpeed, from the accelerate config (distributed.py)
     model_name = model if isinstance(model, str) else cfg.model_name_or_path if model is None else (
         getattr(model, "name_or_path", "") or "an in-memory model")
@@ -135,13 +125,29 @@ def setup(cfg: RLOOConfig, model, tokenizer, rewards, train_dataset, eval_datase
         raise
 
 
+def make_accelerator(cfg) -> Accelerator:
+    """This process's Accelerator for a stage's run: the GPU if there is one, the config's mixed precision."""
+    cuda = torch.cuda.is_available()
+    # accelerate keeps one AcceleratorState per process; a second run in it (a sweep, a test) may want another
+    # mixed precision, so the state is rebuilt as transformers' Trainer does between trials (the process
+    # group, PartialState, stays).
+    AcceleratorState._reset_state()
+    # cpu=True without CUDA: then torchrun / `accelerate launch --multi_gpu` processes form a gloo group.
+    # The process group waits for a slow peer at least as long as a reward call may take (torch's NCCL
+    # default, 10 min, would abort the others with a traceback before reward_timeout stops the slow one).
+    wait = timedelta(seconds=max(1800.0, (getattr(cfg, "reward_timeout", None) or 0.0) + 300.0))
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision_mode(cfg, cuda),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=wait)])
+
+
 def claim_output_dir(cfg: RLOOConfig, accelerator: Accelerator) -> tuple[Path, FolderLock | None, list, str | None]:
     """The run folder, named and locked by the main process (output_dir.claim), after its trackers and Hub
     repository are checked (nothing is created when they fail); every process learns its name, or the main
     process's refusal."""
     output_dir, lock, failure, trackers, hub_repo = None, None, None, [], None
     if accelerator.is_main_process:
-        output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or 'rloo'}-{datetime.now():%Y%m%d-%H%M%S}")
+        output_dir = Path(cfg.output_dir or f"runs/{cfg.preset or getattr(cfg, 'STAGE', 'rloo')}-"
+                                            f"{datetime.now():%Y%m%d-%H%M%S}")
         try:
             trackers = check_trackers(cfg)
             hub_repo = check_hub(cfg, output_dir)
@@ -171,7 +177,7 @@ def refuse_inputs_inside(cfg: RLOOConfig, output_dir: Path) -> None:
     """overwrite_output_dir moves the folder aside before anything loads: not with the run's own inputs in it."""
     folder = output_dir.resolve()
     for name in ("model_name_or_path", "dataset_name", "reward_model_name_or_path"):
-        value = getattr(cfg, name)
+        value = getattr(cfg, name, None)  # a stage without a reward model (rloo sft)
         if value and Path(value).exists() and folder in (Path(value).resolve(), *Path(value).resolve().parents):
             raise RunFolderError(f"overwrite_output_dir: {name} '{value}' lies inside output_dir '{output_dir}', which "
                                  "would be moved aside; copy it out first")

@@ -20,12 +20,17 @@ from rloo.trackers import Trackers
 logger = logging.getLogger(__name__)
 
 
+def is_evaluation(row: dict) -> bool:
+    """A metrics.jsonl line of a held-out evaluation (eval/<name>), not of a training step."""
+    return any(key.startswith("eval/") for key in row)
+
+
 class RunLog:
     """Opened once the run's state is known (``resume_step``: the checkpoint's step, None for a fresh run),
     before anything is evaluated. Every process opens it; a tracker that fails to open (a key W&B refuses, a
     Space that does not deploy) stops every process with one line, before training."""
 
-    def __init__(self, run, resume_step: int | None):
+    def __init__(self, run, resume_step: int | None, completions: bool = True):
         cfg, out, main = run.cfg, run.output_dir, run.accelerator.is_main_process
         self.cfg, self.main = cfg, main
         max_steps = cfg.sizes.max_steps
@@ -33,10 +38,11 @@ class RunLog:
         # at the last step (the final evaluation comes after that checkpoint and is done again).
         keep = None if resume_step is None else (
             lambda row: row.get("step", 0) <= resume_step and not (
-                resume_step == max_steps and row.get("step") == max_steps and "eval/reward" in row))
+                resume_step == max_steps and row.get("step") == max_steps and is_evaluation(row)))
         self.metrics = MetricsWriter(out / "metrics.jsonl", enabled=main, keep=keep)
-        self.completions = MetricsWriter(out / "completions.jsonl", enabled=main, keep=keep, remember=False)
-        self.history = [m for m in self.metrics.kept if "eval/reward" not in m]  # training steps only
+        self.completions = MetricsWriter(out / "completions.jsonl", enabled=main and completions, keep=keep,
+                                         remember=False)
+        self.history = [m for m in self.metrics.kept if not is_evaluation(m)]  # training steps only
         self.trackers, self.publisher, failure = None, None, None
         if main:
             try:

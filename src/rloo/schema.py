@@ -72,11 +72,13 @@ class ModelArgs:
 
 
 @dataclass
-class DataArgs:
+class CommonDataArgs:
+    """Where every stage's rows come from (TRL's ScriptArguments names)."""
+
     dataset_name: str | None = arg(
         None,
-        "Prompt dataset: a local file (jsonl/json/csv/parquet), a folder saved by `datasets`, a hub id, or "
-        "'rloo:tldr' (the real TL;DR sample shipped with rloo; the tldr-tiny preset's).",
+        "Dataset: a local file (jsonl/json/csv/parquet), a folder saved by `datasets`, a hub id, or 'rloo:tldr' "
+        "(the real TL;DR sample shipped with rloo: posts with reference summaries; the tldr-tiny preset's).",
     )
     dataset_config: str | None = arg(None, "Hub dataset configuration name (load_dataset's name=).")
     dataset_train_split: str = arg("train", "Split used for training.")
@@ -84,6 +86,10 @@ class DataArgs:
         "test", "Split used for held-out evaluation (also 'dataset_test_split', TRL's name); a dataset without it "
         "is trained on without evaluation.",
     )
+
+
+@dataclass
+class DataArgs(CommonDataArgs):
     shuffle_dataset: bool = arg(True, "Visit training prompts in a seeded random order each epoch (False: file order).")
     max_prompt_length: int | None = arg(
         512, "Prompts longer than this many tokens keep their last tokens (left truncation, as in the TL;DR recipe)."
@@ -232,8 +238,13 @@ class TrainingArgs:
     )
 
 
+PRESET_HELP = (None, "Name of the preset this config started from (set by --config).")
+
+
 @dataclass
-class RunArgs:
+class CommonRunArgs:
+    """What every stage's run does with its folder and checkpoints (rloo train, rloo sft)."""
+
     output_dir: str | None = arg(None, "Run folder; default runs/<preset>-<timestamp>.")
     overwrite_output_dir: bool = arg(
         False, "A fresh run into an output_dir that already holds a run (or anything): move that folder aside whole "
@@ -250,6 +261,10 @@ class RunArgs:
     resume_ignore_mismatch: bool = arg(
         False, "Resume even when k, batch sizes, model architecture, tokenizer or precision differ from the checkpoint's."
     )
+
+
+@dataclass
+class RunArgs(CommonRunArgs):
     reward_errors: str = arg(
         "raise", "A reward function that raises: 'raise' (save a checkpoint, stop naming function and sample) or "
         "'isolate' (that sample is unscorable by it; counted in the metric num_reward_errors)."
@@ -267,7 +282,7 @@ class RunArgs:
     max_nonfinite_steps: int = arg(
         3, "Consecutive steps with a non-finite loss or gradient (each skipped) after which the run stops."
     )
-    preset: str | None = arg(None, "Name of the preset this config started from (set by --config).")
+    preset: str | None = arg(*PRESET_HELP)
 
 
 @dataclass
