@@ -103,8 +103,8 @@ def _commit(tmp: Path, final: Path, step: int) -> None:
     names = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
     for name in names:
         _fsync(tmp / name)
-    for folder in sorted({(tmp / name).parent for name in names} - {tmp}):
-        _fsync(folder)
+    for folder in sorted({parent for name in names for parent in (tmp / name).parents if tmp in parent.parents}):
+        _fsync(folder)  # every sub-folder (deepspeed/, deepspeed/state/), deepest last
     files = {name: {"size": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)} for name in names}
     _write_json(tmp / COMMIT_MARKER, {"step": step, "files": files})
     _fsync(tmp / COMMIT_MARKER)

@@ -159,6 +159,10 @@ def resume(run: Run) -> TrainState:
         raise CheckpointError(f"cannot resume from {path}: its weights and optimizer state are laid out for "
                               f"{meta.get('layout', 'whole')}, this run is {layout_name(run.accelerator)} (resume with "
                               "the accelerate config it was written with)")
+    processes, written = run.accelerator.num_processes, len(meta["ranks"])  # the same answer on every process
+    if processes > written or (processes != written and meta.get("layout", "whole") != "whole"):
+        raise CheckpointError(f"cannot resume from {path}: written by {len(meta['ranks'])} processes, this run has "
+                              f"{run.accelerator.num_processes} (each process's state is its own part of it)")
     if meta.get("layout", "whole") == "whole":
         load_weights(run.accelerator.unwrap_model(run.policy), path)
         run.optimizer.load_state_dict(optimizer_state(meta["optimizer"], tensors["optimizer"]))
@@ -173,11 +177,7 @@ def resume(run: Run) -> TrainState:
     if run.accelerator.scaler is not None and meta.get("scaler"):  # fp16: the loss scale where it stopped
         run.accelerator.scaler.load_state_dict(meta["scaler"])
     run.sampler.load_state_dict(meta["sampler"])
-    rank = run.accelerator.process_index
-    if rank >= len(meta["ranks"]):
-        raise CheckpointError(f"cannot resume from {path}: written by {len(meta['ranks'])} processes, this is process "
-                              f"{rank}")
-    counters, rng, rollout_parts = rank_state(meta, tensors, rank)
+    counters, rng, rollout_parts = rank_state(meta, tensors, run.accelerator.process_index)
     run.counters.update(counters)
     restore_rng(rng)
     rollout = None

@@ -118,33 +118,63 @@ def _reason(err: BaseException) -> str:
 
 
 def write_parts(layout: str, folder: Path, policy, optimizer) -> dict:
-    """This process's weights and optimizer state under ``folder``; -> the optimizer's JSON part."""
+    """This process's weights and optimizer state under ``folder``; -> the optimizer's JSON part (and, under
+    FSDP2, the names of the tensors written)."""
     if layout == "fsdp":
         import torch.distributed.checkpoint as dcp
 
-        tensors, optimizer_json = _fsdp_tensors(policy, optimizer)
+        # An optimizer without state yet (a save before the first step) stays so: asking torch for its state
+        # dict would make it, with one zero-gradient step, and change the run that saves.
+        tensors, optimizer_json = _fsdp_tensors(policy, optimizer, with_optimizer=bool(optimizer.state))
         dcp.save(tensors, storage_writer=dcp.HuggingFaceStorageWriter(str(folder / SHARDED_DIR), save_distributed=True))
-        return optimizer_json
-    policy.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        return {**optimizer_json, "keys": sorted(tensors)}
+    failures: list[BaseException] = []
+    with _recording_failures(policy, failures):  # DeepSpeed's barriers are reached by every process
+        policy.save_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+    if failures:
+        raise failures[0]
     return {"scalars": {}, "param_groups": []}  # DeepSpeed's own files hold it
 
 
 def read_parts(layout: str, folder: Path, policy, optimizer, optimizer_json: dict) -> None:
-    """Every process: load this process's part of the weights and optimizer state from ``folder``."""
+    """Every process: load this process's part of the weights and optimizer state from ``folder``; one line,
+    the same on every process, when it cannot."""
+    failure = None
+    try:
+        _read_parts(layout, folder, policy, optimizer, optimizer_json)
+    except (Exception, CheckpointException) as err:  # the latter is a BaseException, raised on every process
+        failure = CheckpointError(f"cannot resume from {folder}: the {layout} part of {_reason(err)}")
+    raise_everywhere(failure, lambda: CheckpointError(f"cannot resume from {folder}: another process could not "
+                                                      "load its part (its message is there)"), _device(policy))
+
+
+def _read_parts(layout: str, folder: Path, policy, optimizer, optimizer_json: dict) -> None:
     if layout == "fsdp":
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
 
-        tensors, _ = _fsdp_tensors(policy, optimizer)  # the targets, in this process's layout
+        saved = set(optimizer_json.get("keys", ()))
+        with_optimizer = any(key.startswith("optimizer.") for key in saved) or "keys" not in optimizer_json
+        tensors, _ = _fsdp_tensors(policy, optimizer, with_optimizer)  # the targets, in this process's layout
+        if saved:
+            tensors = {key: t for key, t in tensors.items() if key in saved}
         dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(folder / SHARDED_DIR)))
-        model_state = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        model_state = get_model_state_dict(policy)  # every name: a tied weight's second name is the loaded tensor
+        loaded = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
+        set_model_state_dict(policy, {fqn: loaded.get(fqn, t) for fqn, t in model_state.items()})
+        if not with_optimizer:
+            return
         state: dict = {}
         for key, value in [*optimizer_json["scalars"].items(),
                            *((k[len("optimizer."):], t) for k, t in tensors.items() if k.startswith("optimizer."))]:
             name, fqn = key.split(".", 1)
             state.setdefault(fqn, {})[name] = value
-        set_model_state_dict(policy, model_state)
-        set_optimizer_state_dict(policy, optimizer, {"state": state, "param_groups": optimizer_json["param_groups"]})
+        # strict False: a parameter that never had a gradient has no state in the checkpoint (nor in the run)
+        set_optimizer_state_dict(policy, optimizer, {"state": state, "param_groups": optimizer_json["param_groups"]},
+                                 options=StateDictOptions(strict=False))
         return
     path, _ = policy.load_checkpoint(str(folder / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_module_strict=True,
                                      load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -152,12 +182,22 @@ def read_parts(layout: str, folder: Path, policy, optimizer, optimizer_json: dic
         raise CheckpointError(f"checkpoint {folder}: DeepSpeed found no state under {folder / DEEPSPEED_DIR}")
 
 
-def _fsdp_tensors(policy, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """The FSDP2 policy's and optimizer's sharded tensors ("model.<fqn>", "optimizer.<name>.<fqn>") and the
-    optimizer's JSON part (param groups by fully qualified name, non-tensor state)."""
+def _fsdp_tensors(policy, optimizer, with_optimizer: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """The FSDP2 policy's and optimizer's sharded tensors ("model.<fqn>", "optimizer.<name>.<fqn>"; a tied
+    weight once, under its first name) and the optimizer's JSON part (param groups by fully qualified
+    name, non-tensor state)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    tensors = {f"model.{fqn}": t for fqn, t in get_model_state_dict(policy).items()}
+    tensors, seen = {}, set()
+    for fqn, t in get_model_state_dict(policy).items():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(local.shape))
+        if local.numel() and key in seen:
+            continue  # safetensors holds each tensor once
+        seen.add(key)
+        tensors[f"model.{fqn}"] = t
+    if not with_optimizer:
+        return tensors, {"scalars": {}, "param_groups": []}
     optimizer_state = get_optimizer_state_dict(policy, optimizer)  # a fresh optimizer's state is made (lr 0)
     scalars = {}
     for fqn, values in optimizer_state["state"].items():
@@ -167,6 +207,33 @@ def _fsdp_tensors(policy, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
             else:
                 scalars[f"{name}.{fqn}"] = value
     return tensors, {"scalars": jsonable(scalars), "param_groups": jsonable(optimizer_state["param_groups"])}
+
+
+@contextlib.contextmanager
+def _recording_failures(engine, failures: list):
+    """DeepSpeed's checkpoint writes, each failure kept in ``failures`` instead of raised: a process whose write
+    fails goes on to DeepSpeed's barriers with the others, and every process raises together afterwards."""
+    writer = engine.checkpoint_engine
+    save, own = writer.save, "save" in vars(writer)
+
+    def recording(*args, **kwargs):
+        try:
+            return save(*args, **kwargs)
+        except Exception as err:  # noqa: BLE001 - raised on every process after DeepSpeed's save
+            failures.append(err)
+
+    writer.save = recording
+    try:
+        yield
+    finally:
+        if own:
+            writer.save = save
+        else:
+            del writer.save  # the class's method again
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 # ------------------------------------------------------------------------------------------ reference
