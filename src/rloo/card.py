@@ -213,3 +213,22 @@ def results(cfg, summary: dict | None, metrics: list[dict]) -> list[str]:
 
 def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+STAGE_HYPERPARAMETERS = ("learning_rate", "lr_scheduler_type", "max_length", "per_device_train_batch_size",
+                         "gradient_accumulation_steps", "num_train_epochs", "max_steps", "seed")
+
+
+def stage_card_parts(run, command: str, tldr: bool) -> tuple[list[str], list[str]]:
+    """A supervised stage's card pieces (rloo sft, rloo reward-model): how to train it again with its
+    hyperparameters, and the closing versions and citations."""
+    cfg = run.cfg
+    again = ["Train it again with:", "", "```bash", reproduce_command(cfg, run.model_name, run.output_dir, command),
+             "```", "", "| hyperparameter | value |", "|---|---|",
+             *(f"| {name} | {getattr(cfg, name)} |" for name in STAGE_HYPERPARAMETERS),
+             f"| optimizer steps run | {cfg.sizes.max_steps} |", ""]
+    tail = ["## Framework versions", "", *(f"- {name}: {v}" for name, v in package_versions().items()), ""]
+    if tldr:
+        tail += ["## Citations", "", "The TL;DR data (Reddit posts, reference summaries and human comparisons):", "",
+                 "```bibtex", TLDR_BIBTEX, "```", ""]
+    return again, tail

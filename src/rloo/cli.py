@@ -1,4 +1,4 @@
-"""``rloo train | sft | eval | generate | vllm-serve | report``: options are config field names, as TRL users type them."""
+"""``rloo train | sft | reward-model | eval | generate | vllm-serve | report``: options are config field names, as TRL users type them."""
 
 from __future__ import annotations
 
@@ -65,19 +65,39 @@ def cmd_sft(args: argparse.Namespace) -> int:
     from rloo.sft import sft
     from rloo.sft_config import SFTConfig
 
-    overrides = overrides_from(args)
-    if overrides.get("resume_from_checkpoint") is not None and args.config is None:
-        cfg = resumed_config(overrides, SFTConfig)
-    else:
-        cfg = load_config(args.config, overrides, origin="flag", config_class=SFTConfig)
-    result = sft(cfg)
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    print(f"run folder: {result.output_dir}")
-    if result.eval_before and result.eval_after:
+    result = run_stage_command(args, SFTConfig, sft)
+    if result is not None and result.eval_before and result.eval_after:
         print(f"held-out loss {result.eval_before['loss']:.4f} -> {result.eval_after['loss']:.4f} "
               f"({result.eval_after['num_rows']} rows)")
     return 0
+
+
+def cmd_reward_model(args: argparse.Namespace) -> int:
+    from rloo.reward_config import RewardConfig
+    from rloo.reward_model import reward_model
+
+    result = run_stage_command(args, RewardConfig, reward_model)
+    if result is not None and result.eval_after:
+        after = result.eval_after
+        before = f"{result.eval_before['accuracy']:.3f} -> " if result.eval_before else ""
+        print(f"held-out accuracy {before}{after['accuracy']:.3f} (s.e. {after['accuracy_se']:.3f}, "
+              f"{after['num_pairs']} pairs)")
+    return 0
+
+
+def run_stage_command(args: argparse.Namespace, config_class, runner):
+    """A supervised stage from the command line: its config (a YAML file, the checkpoint's when resuming
+    without one, the options on top), run; the result on the main process (None elsewhere)."""
+    overrides = overrides_from(args)
+    if overrides.get("resume_from_checkpoint") is not None and args.config is None:
+        cfg = resumed_config(overrides, config_class)
+    else:
+        cfg = load_config(args.config, overrides, origin="flag", config_class=config_class)
+    result = runner(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    print(f"run folder: {result.output_dir}")
+    return result
 
 
 def resumed_config(overrides: dict, config_class):
@@ -238,6 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     supervised = commands.add_parser("sft", help="Supervised fine-tuning on prompt/completion, messages or text rows "
                                      "(TRL's SFTConfig fields).", allow_abbrev=False)
     add_config_options(supervised, SFT_SECTIONS)
+    from rloo.reward_config import REWARD_SECTIONS
+
+    rewarding = commands.add_parser("reward-model", help="Train a Bradley-Terry reward model on {prompt, chosen, "
+                                    "rejected} pairs (TRL's RewardConfig fields).", allow_abbrev=False)
+    add_config_options(rewarding, REWARD_SECTIONS)
     evaluate = commands.add_parser("eval", help="Score a model's completions on held-out prompts.", allow_abbrev=False)
     evaluate.add_argument("--model", required=True, help="Model folder (a run folder or any causal LM) or hub id.")
     evaluate.add_argument("--dataset", default=None, help="Prompt dataset (default: the config's dataset_name).")
@@ -283,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parse_known_strict(parser, argv)
-    handlers = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "generate": cmd_generate, "vllm-serve": cmd_vllm_serve,
+    handlers = {"train": cmd_train, "sft": cmd_sft, "reward-model": cmd_reward_model, "eval": cmd_eval, "generate": cmd_generate, "vllm-serve": cmd_vllm_serve,
                 "report": cmd_report}
     try:
         return handlers[args.command](args)

@@ -98,6 +98,31 @@ class Config:
         return "\n".join(f"  {origin}: {', '.join(items)}" for origin, items in ((o, groups[o]) for o in order))
 
 
+def check_stage(cfg: Config, stage: str, extra: list[tuple[bool, str]]) -> None:
+    """A supervised stage's checks (``rloo sft``, ``rloo reward-model``): the shared fields', then ``extra``;
+    the first that fails is raised as one line naming the field."""
+    checks = [
+        (cfg.max_length is None or cfg.max_length >= 2, "max_length must be >= 2 or None"),
+        (cfg.learning_rate > 0, "learning_rate must be > 0"),
+        (cfg.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
+        (cfg.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
+        (cfg.max_steps > 0 or cfg.num_train_epochs > 0, "max_steps or num_train_epochs must be > 0"),
+        (cfg.logging_steps >= 1, "logging_steps must be >= 1"),
+        (cfg.save_steps >= 0, "save_steps must be >= 0 (0 = no checkpoints)"),
+        (cfg.num_eval_samples >= 0, "num_eval_samples must be >= 0"),
+        (cfg.save_strategy in ("steps", "no"), f"save_strategy must be steps or no, got {cfg.save_strategy!r}"),
+        (not cfg.use_peft and not (cfg.load_in_4bit or cfg.load_in_8bit),
+         f"use_peft / load_in_4bit / load_in_8bit: rloo {stage} trains the whole model for now"),
+        (not cfg.log_completions, f"log_completions: rloo {stage} generates no completions"),
+        *extra,
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+    if cfg.save_strategy == "no" and cfg.save_steps:
+        cfg.set("save_steps", 0, "save_strategy")
+
+
 # TRL / transformers fields rloo does not have yet, with what to do instead.
 _EVAL = ("rloo evaluates one sampled completion for each of num_eval_samples held-out prompts (eval_strategy steps "
          "with eval_steps: periodically)")

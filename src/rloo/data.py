@@ -28,6 +28,10 @@ BUNDLED_DATASETS: dict[str, dict[str, Path]] = {
         "train": _TLDR_DIR / "tldr_train.jsonl",
         "validation": _TLDR_DIR / "tldr_validation.jsonl",
     },
+    "rloo:tldr-preference": {  # human comparisons of two summaries of a post ({prompt, chosen, rejected})
+        "train": _TLDR_DIR / "preferences_train.jsonl",
+        "validation": _TLDR_DIR / "preferences_validation.jsonl",
+    },
 }
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")

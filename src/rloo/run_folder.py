@@ -50,6 +50,23 @@ def save_run_folder(run, summary: dict | None, state_dict: dict | None = None, c
     write_final(out, write, checkpoint)
 
 
+def save_stage_folder(run, before: dict | None, after: dict | None, card, checkpoint: Path | None = None) -> None:
+    """A supervised stage's run folder (rloo sft, rloo reward-model): the model, tokenizer, config.yaml,
+    eval.json ({"before", "after"}) and README.md (``card(summary)``), written whole or not at all."""
+    model = run.accelerator.unwrap_model(run.policy)
+    summary = {"before": before, "after": after}
+
+    def write(folder: Path) -> None:
+        with restored_config(run.dropout_rates):  # the folder keeps the model's own dropout rates
+            model.save_pretrained(folder, safe_serialization=True)
+        run.tokenizer.save_pretrained(folder)
+        (folder / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        (folder / "eval.json").write_text(json.dumps(strict_json(summary), indent=2, allow_nan=False), encoding="utf-8")
+        (folder / "README.md").write_text(card(summary), encoding="utf-8")
+
+    write_final(run.output_dir, write, checkpoint)
+
+
 def strict_json(value):
     """NaN and +-inf -> None, recursively: what strict JSON (``allow_nan=False``) can hold."""
     if isinstance(value, float) and not math.isfinite(value):

@@ -264,6 +264,14 @@ class CommonRunArgs:
 
 
 @dataclass
+class StageRunArgs(CommonRunArgs):
+    """A supervised stage's run fields (rloo sft, rloo reward-model): TRL's logging default."""
+
+    logging_steps: int = arg(10, "Write metrics every this many steps (TRL's default).")
+    preset: str | None = arg(*PRESET_HELP)
+
+
+@dataclass
 class RunArgs(CommonRunArgs):
     reward_errors: str = arg(
         "raise", "A reward function that raises: 'raise' (save a checkpoint, stop naming function and sample) or "

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rloo.config import Config, Schema
-from rloo.schema import PRESET_HELP, CommonDataArgs, CommonRunArgs, ModelArgs, ReportArgs, TrainingArgs, arg
+from rloo.config import Config, Schema, check_stage
+from rloo.schema import CommonDataArgs, ModelArgs, ReportArgs, StageRunArgs, TrainingArgs, arg
 
 
 @dataclass
@@ -43,14 +43,8 @@ class SFTTrainingArgs(TrainingArgs):
     learning_rate: float = arg(2e-5, "AdamW peak learning rate (TRL's SFTConfig default).")
 
 
-@dataclass
-class SFTRunArgs(CommonRunArgs):
-    logging_steps: int = arg(10, "Write metrics every this many steps (TRL's default).")
-    preset: str | None = arg(*PRESET_HELP)
-
-
 SFT_SECTIONS: dict[str, type] = {"model": SFTModelArgs, "data": SFTDataArgs, "training": SFTTrainingArgs,
-                                 "run": SFTRunArgs, "report": ReportArgs}
+                                 "run": StageRunArgs, "report": ReportArgs}
 SFT_NOT_YET = {
     "packing_strategy": "rloo sft does not pack yet (packing false): each row is its own sequence",
     "padding_free": "rloo sft does not pack yet (packing false): each row is its own sequence",
@@ -67,24 +61,7 @@ class SFTConfig(Config):
 
     def resolve(self) -> None:
         """Validate every field; errors are one line naming the field."""
-        checks = [
-            (self.max_length is None or self.max_length >= 2, "max_length must be >= 2 or None"),
+        check_stage(self, "sft", [
             (self.truncation_mode == "keep_start", f"truncation_mode: only keep_start, got {self.truncation_mode!r}"),
             (not self.packing, "packing: rloo sft does not pack rows yet; set packing false"),
-            (self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.per_device_train_batch_size >= 1, "per_device_train_batch_size must be >= 1"),
-            (self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps must be >= 1"),
-            (self.max_steps > 0 or self.num_train_epochs > 0, "max_steps or num_train_epochs must be > 0"),
-            (self.logging_steps >= 1, "logging_steps must be >= 1"),
-            (self.save_steps >= 0, "save_steps must be >= 0 (0 = no checkpoints)"),
-            (self.num_eval_samples >= 0, "num_eval_samples must be >= 0"),
-            (self.save_strategy in ("steps", "no"), f"save_strategy must be steps or no, got {self.save_strategy!r}"),
-            (not self.use_peft and not (self.load_in_4bit or self.load_in_8bit),
-             "use_peft / load_in_4bit / load_in_8bit: rloo sft trains the whole model for now"),
-            (not self.log_completions, "log_completions: rloo sft generates no completions"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.save_strategy == "no" and self.save_steps:
-            self.set("save_steps", 0, "save_strategy")
+        ])
