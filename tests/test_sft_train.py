@@ -107,3 +107,25 @@ def test_the_cli_trains_and_refuses_in_one_line(tiny_model_dir, tmp_path):
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
         "rloo sft: error: packing: rloo sft does not pack rows yet; set packing false")
     assert not (tmp_path / "other").exists()
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(tiny_model_dir, tmp_path):
+    """torchrun, 2 processes (gloo) of 2 rows a micro-batch against 1 process of 4: each step's rows split, its
+    loss over all of their trained tokens, the gradients averaged: the same weights."""
+    from test_distributed import free_port
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    common = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", "rloo:tldr", "--num_eval_samples", "0",
+              "--max_steps", "3", "--learning_rate", "3e-3", "--gradient_checkpointing", "false", "--disable_tqdm",
+              "--save_steps", "0", "--max_length", "400"]
+    runs = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"p{processes}"
+        launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
+                    "--master_port", str(free_port())]
+        done = subprocess.run([sys.executable, *launcher, "-m", "rloo", "sft", *common, "--per_device_train_batch_size",
+                               str(batch), "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[processes] = load_file(out / "model.safetensors")
+    assert max((runs[1][k] - runs[2][k]).abs().max().item() for k in runs[1]) <= 1e-5
+    assert any(not torch.equal(runs[1][k], load_file(tiny_model_dir / "model.safetensors")[k]) for k in runs[1])
