@@ -3,6 +3,7 @@
 Public API::
 
     from rloo import RLOOConfig, train, evaluate, rloo_advantages
+    from rloo import SFTConfig, sft, RewardConfig, reward_model    # the recipe's first two stages
 
     cfg = load_config("tldr-tiny", {"max_steps": 20})    # or RLOOConfig(learning_rate=3e-6, ...)
     result = train(cfg, rewards=[my_reward_fn], train_dataset=my_dataset)
@@ -21,6 +22,33 @@ def train(*args, **kwargs):
     return _train(*args, **kwargs)
 
 
+def sft(*args, **kwargs):
+    """See ``rloo.sft.sft``: supervised fine-tuning (``rloo sft``)."""
+    from rloo.sft import sft as _sft
+
+    return _sft(*args, **kwargs)
+
+
+def reward_model(*args, **kwargs):
+    """See ``rloo.reward_model.reward_model``: a Bradley-Terry reward model (``rloo reward-model``)."""
+    from rloo.reward_model import reward_model as _reward_model
+
+    return _reward_model(*args, **kwargs)
+
+
+def __getattr__(name: str):
+    """``SFTConfig`` and ``RewardConfig``, imported when first asked for."""
+    if name == "SFTConfig":
+        from rloo.sft_config import SFTConfig
+
+        return SFTConfig
+    if name == "RewardConfig":
+        from rloo.reward_config import RewardConfig
+
+        return RewardConfig
+    raise AttributeError(f"module 'rloo' has no attribute '{name}'")
+
+
 def evaluate(*args, **kwargs):
     """See ``rloo.evaluate.evaluate``."""
     from rloo.evaluate import evaluate as _evaluate
@@ -28,4 +56,5 @@ def evaluate(*args, **kwargs):
     return _evaluate(*args, **kwargs)
 
 
-__all__ = ["RLOOConfig", "load_config", "train", "evaluate", "rloo_advantages", "__version__"]
+__all__ = ["RLOOConfig", "SFTConfig", "RewardConfig", "load_config", "train", "sft", "reward_model", "evaluate",
+           "rloo_advantages", "__version__"]
