@@ -151,8 +151,8 @@ def read_parts(layout: str, folder: Path, policy, optimizer, optimizer_json: dic
 def _read_parts(layout: str, folder: Path, policy, optimizer, optimizer_json: dict) -> None:
     if layout == "fsdp":
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
 
         saved = set(optimizer_json.get("keys", ()))
         with_optimizer = any(key.startswith("optimizer.") for key in saved) or "keys" not in optimizer_json
@@ -160,8 +160,6 @@ def _read_parts(layout: str, folder: Path, policy, optimizer, optimizer_json: di
         if saved:
             tensors = {key: t for key, t in tensors.items() if key in saved}
         dcp.load(tensors, storage_reader=dcp.HuggingFaceStorageReader(str(folder / SHARDED_DIR)))
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
         model_state = get_model_state_dict(policy)  # every name: a tied weight's second name is the loaded tensor
         loaded = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
         set_model_state_dict(policy, {fqn: loaded.get(fqn, t) for fqn, t in model_state.items()})
