@@ -161,8 +161,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--num_samples must be >= 1 (held-out prompts to score), got {args.num_samples}")
     if not 0 <= args.eval_seed < 2**32:
         raise ValueError(f"--eval_seed must be in 0..2**32-1, got {args.eval_seed}")
-    overrides = overrides_from(args, ("model", "dataset", "num_samples", "eval_seed"))
+    from rloo.judge import JUDGE_OPTIONS
+    from rloo.judge_run import cmd_judge
+
+    overrides = overrides_from(args, ("model", "dataset", "num_samples", "eval_seed", *JUDGE_OPTIONS))
     cfg = eval_config(resolve_model_path(args.model), args.config, overrides)
+    if args.judge is not None or args.judge_url is not None:
+        return cmd_judge(args, cfg)
     cfg.use_vllm = False  # rloo eval samples with the transformers backend (no engine or server to start)
     cfg.resolve(num_train_rows=1 << 30)
     if args.dataset is None and cfg.dataset_name is None:
@@ -263,11 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     rewarding = commands.add_parser("reward-model", help="Train a Bradley-Terry reward model on {prompt, chosen, "
                                     "rejected} pairs (TRL's RewardConfig fields).", allow_abbrev=False)
     add_config_options(rewarding, REWARD_SECTIONS)
-    evaluate = commands.add_parser("eval", help="Score a model's completions on held-out prompts.", allow_abbrev=False)
+    evaluate = commands.add_parser("eval", help="Score a model's completions on held-out prompts, or judge them against references or a second model (--judge, --judge_url).", allow_abbrev=False)
     evaluate.add_argument("--model", required=True, help="Model folder (a run folder or any causal LM) or hub id.")
     evaluate.add_argument("--dataset", default=None, help="Prompt dataset (default: the config's dataset_name).")
     evaluate.add_argument("--num_samples", type=int, default=None, help="Held-out prompts to score (default: num_eval_samples).")
     evaluate.add_argument("--eval_seed", type=int, default=1234, help="Sampling seed (the one train uses for its before/after evaluation).")
+    from rloo.judge import add_judge_options
+
+    add_judge_options(evaluate)
     add_config_options(evaluate)
     generate = commands.add_parser("generate", help="Print completions of a model for prompts.", allow_abbrev=False)
     generate.add_argument("--model", required=True, help="Model folder or hub id.")
