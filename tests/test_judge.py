@@ -18,11 +18,18 @@ import sys
 import threading
 
 import pytest
-
-from rloo.judge import TIE, EndpointJudge, JudgeError, check_template, judge_both_orders, read_answer, tally
-from rloo.judge_run import complete
-
 from test_vllm import ENV
+
+from rloo.judge import (
+    TIE,
+    EndpointJudge,
+    JudgeError,
+    check_template,
+    judge_both_orders,
+    read_answer,
+    tally,
+)
+from rloo.judge_run import complete
 
 
 def test_the_tally_counts_every_outcome_and_the_win_rate_with_its_standard_error():
@@ -62,9 +69,9 @@ def reference_lover(tiny_model_dir, tmp_path_factory):
     """A reward model trained to prefer each post's reference summary over the tiny policy's own greedy
     completion of it (train prompts only)."""
     from datasets import Dataset
+    from test_reward_model import rm_config
 
     from rloo.data import BUNDLED_DATASETS
-    from test_reward_model import rm_config
     from rloo.reward_model import reward_model
 
     rows = [json.loads(line) for line in BUNDLED_DATASETS["rloo:tldr"]["train"].read_text().splitlines()[:160]]
@@ -111,7 +118,7 @@ class FlakyEndpoint(http.server.BaseHTTPRequestHandler):
 
     calls = 0
 
-    def do_POST(self):  # noqa: N802 - http.server's name
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         type(self).calls += 1
         if type(self).calls == 1:

@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from rloo.judge import DEFAULT_TEMPLATE, EndpointJudge, RewardModelJudge, check_template, judge_both_orders, tally
+from rloo.judge import (
+    DEFAULT_TEMPLATE,
+    EndpointJudge,
+    RewardModelJudge,
+    check_template,
+    judge_both_orders,
+    tally,
+)
 
 REWARD_MODEL = "reward-model:"
 
@@ -27,7 +34,12 @@ def complete(model_dir: str, prompts: list, max_new_tokens: int, temperature: fl
     from rloo.data import render_prompt, tokenize_prompts
     from rloo.generation import prompt_seeds
     from rloo.generation.hf import HFGenerator
-    from rloo.models import eos_token_ids, load_policy, load_tokenizer, prompt_token_limit
+    from rloo.models import (
+        eos_token_ids,
+        load_policy,
+        load_tokenizer,
+        prompt_token_limit,
+    )
 
     model = load_policy(model_dir, trust_remote_code=trust_remote_code)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
