@@ -30,3 +30,8 @@ def test_sft_then_reward_model_then_rloo_then_a_judged_win_rate(tiny_model_dir, 
     assert result["wins"] + result["losses"] + result["ties"] + result["inconsistent"] == 8
     assert 0.0 <= result["win_rate"] <= 1.0 and result["against"] == str(supervised)
     assert result["decoding"]["max_new_tokens"] == 16
+    # an sft folder (its config.yaml holds SFTConfig's fields) against the references: the default preset's eval
+    references = rloo_eval("--model", str(supervised), "--dataset", "rloo:tldr", "--num_samples", "4",
+                           "--judge", f"reward-model:{rewarder}", "--max_completion_length", "8")
+    assert references.returncode == 0, references.stderr[-2000:]
+    assert json.loads(references.stdout.splitlines()[-1])["against"] == "references"

@@ -139,11 +139,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def eval_config(model_dir: str, config: str | None, overrides: dict):
-    """The run's own config.yaml when evaluating a run folder, else the named or default preset."""
+    """The run's own config.yaml when evaluating an ``rloo train`` run folder, else the named or default preset
+    (an ``rloo sft`` or ``rloo reward-model`` folder's config.yaml holds that stage's fields)."""
     own = Path(model_dir) / "config.yaml"
-    cfg = load_config(config if config or not own.is_file() else str(own), overrides, origin="flag")
+    cfg = load_config(config if config or not is_train_run(own) else str(own), overrides, origin="flag")
     cfg.model_name_or_path = model_dir
     return cfg
+
+
+def is_train_run(config_yaml: Path) -> bool:
+    """Whether a folder's config.yaml is rloo train's: no field of another stage's config in it."""
+    if not config_yaml.is_file():
+        return False
+    import yaml
+
+    from rloo.config import RLOOConfig
+
+    values = yaml.safe_load(config_yaml.read_text()) or {}
+    from rloo.reward_config import RewardConfig
+    from rloo.sft_config import SFTConfig
+
+    known = set(RLOOConfig.SCHEMA.field_section)
+    other = (set(SFTConfig.SCHEMA.field_section) | set(RewardConfig.SCHEMA.field_section)) - known
+    return not (isinstance(values, dict) and other & set(values))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
