@@ -72,7 +72,7 @@ def reference_lover(tiny_model_dir, tmp_path_factory):
     from test_reward_model import rm_config
 
     from rloo.data import BUNDLED_DATASETS
-    from rloo.reward_model import reward_model
+    from rloo.reward_stage import reward_model
 
     rows = [json.loads(line) for line in BUNDLED_DATASETS["rloo:tldr"]["train"].read_text().splitlines()[:160]]
     ours = complete(str(tiny_model_dir), [r["prompt"] for r in rows], 48)

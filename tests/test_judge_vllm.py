@@ -70,7 +70,7 @@ def judge_server(tiny_tokenizer, tmp_path_factory):
     with open(log, "wb") as stderr:
         server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
                                    str(result.output_dir), "--served-model-name", "judge", "--host", "127.0.0.1",
-                                   "--port", str(port), "--max-model-len", "2048", "--enable-log-requests"],
+                                   "--port", str(port), "--max-model-len", "2048", "--enable-log-requests", "--enforce-eager"],
                                   env=env, stdout=stderr, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/v1"
     try:

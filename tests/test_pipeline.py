@@ -35,3 +35,15 @@ def test_sft_then_reward_model_then_rloo_then_a_judged_win_rate(tiny_model_dir, 
                            "--judge", f"reward-model:{rewarder}", "--max_completion_length", "8")
     assert references.returncode == 0, references.stderr[-2000:]
     assert json.loads(references.stdout.splitlines()[-1])["against"] == "references"
+
+
+def test_the_public_functions_stay_functions_after_their_modules_are_imported():
+    import importlib
+
+    import rloo
+
+    for module in ("rloo.sft_stage", "rloo.reward_stage", "rloo.held_out", "rloo.trainer"):
+        importlib.import_module(module)
+    from rloo import evaluate, reward_model, sft, train
+
+    assert all(callable(f) and not isinstance(f, type(rloo)) for f in (evaluate, reward_model, sft, train))

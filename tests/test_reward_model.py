@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from rloo.data import BUNDLED_DATASETS
 from rloo.reward_config import RewardConfig
-from rloo.reward_model import reward_model
+from rloo.reward_stage import reward_model
 
 DIFFERENT_ON_PURPOSE = {"save_total_limit", "eval_on_start", "report_to", "disable_tqdm"}  # as for rloo sft
 

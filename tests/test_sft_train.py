@@ -16,7 +16,7 @@ from datasets import Dataset
 from safetensors.torch import load_file
 
 from rloo.errors import CheckpointError
-from rloo.sft import sft
+from rloo.sft_stage import sft
 from rloo.sft_config import SFTConfig
 
 from test_sft import tldr_rows

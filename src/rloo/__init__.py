@@ -23,15 +23,15 @@ def train(*args, **kwargs):
 
 
 def sft(*args, **kwargs):
-    """See ``rloo.sft.sft``: supervised fine-tuning (``rloo sft``)."""
-    from rloo.sft import sft as _sft
+    """See ``rloo.sft_stage.sft``: supervised fine-tuning (``rloo sft``)."""
+    from rloo.sft_stage import sft as _sft
 
     return _sft(*args, **kwargs)
 
 
 def reward_model(*args, **kwargs):
-    """See ``rloo.reward_model.reward_model``: a Bradley-Terry reward model (``rloo reward-model``)."""
-    from rloo.reward_model import reward_model as _reward_model
+    """See ``rloo.reward_stage.reward_model``: a Bradley-Terry reward model (``rloo reward-model``)."""
+    from rloo.reward_stage import reward_model as _reward_model
 
     return _reward_model(*args, **kwargs)
 
@@ -50,8 +50,8 @@ def __getattr__(name: str):
 
 
 def evaluate(*args, **kwargs):
-    """See ``rloo.evaluate.evaluate``."""
-    from rloo.evaluate import evaluate as _evaluate
+    """See ``rloo.held_out.evaluate``."""
+    from rloo.held_out import evaluate as _evaluate
 
     return _evaluate(*args, **kwargs)
 

@@ -62,7 +62,7 @@ def train_config(args: argparse.Namespace):
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from rloo.sft import sft
+    from rloo.sft_stage import sft
     from rloo.sft_config import SFTConfig
 
     result = run_stage_command(args, SFTConfig, sft)
@@ -74,7 +74,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 def cmd_reward_model(args: argparse.Namespace) -> int:
     from rloo.reward_config import RewardConfig
-    from rloo.reward_model import reward_model
+    from rloo.reward_stage import reward_model
 
     result = run_stage_command(args, RewardConfig, reward_model)
     if result is not None and result.eval_after:
@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"run folder: {result.output_dir}")
     if result.eval_before and result.eval_after:
         before, after = result.eval_before, result.eval_after
-        from rloo.evaluate import paired_gain
+        from rloo.held_out import paired_gain
 
         gain = paired_gain(before, after)
         print(f"held-out reward on {after['num_prompts']} {cfg.dataset_eval_split} prompts: "
@@ -171,7 +171,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from rloo.data import load_prompt_dataset
     from rloo.precision import LOW, mixed_precision_mode
-    from rloo.evaluate import evaluate
+    from rloo.held_out import evaluate
     from rloo.models import load_policy, load_tokenizer, resolve_model_path
     from rloo.run import load_rewards
 

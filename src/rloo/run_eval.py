@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 
-from rloo.evaluate import evaluate, paired_gain
+from rloo.held_out import evaluate, paired_gain
 from rloo.run import Run, sync_generator, trainer_state
 
 logger = logging.getLogger(__name__)
