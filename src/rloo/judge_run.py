@@ -133,11 +133,7 @@ def describe(judge) -> str:
     return f"reward model {judge.reward_model.model.name_or_path}"
 
 
-def strict(result: dict) -> dict:
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
-
-
-__all__ = ["build_judge", "cmd_judge", "complete", "judge_run", "strict"]
+__all__ = ["build_judge", "cmd_judge", "complete", "judge_run"]
 
 
 def cmd_judge(args, cfg) -> int:
@@ -165,5 +161,7 @@ def cmd_judge(args, cfg) -> int:
                        output=args.judge_output, trust_remote_code=cfg.trust_remote_code,
                        chat_template_kwargs=cfg.chat_template_kwargs)
     print(table(result), file=sys.stderr)
-    print(json.dumps(strict(result), allow_nan=False))
+    from rloo.run_folder import strict_json
+
+    print(json.dumps(strict_json(result), allow_nan=False))
     return 0
