@@ -42,6 +42,8 @@ def complete(model_dir: str, prompts: list, max_new_tokens: int, temperature: fl
     )
 
     model = load_policy(model_dir, trust_remote_code=trust_remote_code)
+    if torch.cuda.is_available():  # as the reward-model judge: on the GPU when there is one
+        model = model.to("cuda")
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     generator = HFGenerator(model, pad_token_id=tokenizer.pad_token_id, eos_token_ids=eos_token_ids(model, tokenizer),
                             max_new_tokens=max_new_tokens, temperature=temperature or 1.0, do_sample=temperature > 0)
