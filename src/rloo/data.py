@@ -70,6 +70,13 @@ def _load_any(name_or_path: str | datasets.Dataset, split: str, prompt_column: s
         return name_or_path
     if isinstance(name_or_path, datasets.DatasetDict):
         return _pick_split(name_or_path, split, "the DatasetDict given")
+    if isinstance(name_or_path, (list, tuple)):  # rows in memory: a list of dicts with the same columns
+        if not all(isinstance(row, dict) for row in name_or_path):
+            raise ValueError("dataset: a list given as a dataset must hold one dict per row")
+        return datasets.Dataset.from_list(list(name_or_path))
+    if not isinstance(name_or_path, (str, Path)):
+        raise ValueError(f"dataset: expected a name, a path, a datasets.Dataset or a list of rows, got "
+                         f"{type(name_or_path).__name__}")
     name = str(name_or_path)
     if name in BUNDLED_DATASETS:
         return _read_jsonl(_pick_split(BUNDLED_DATASETS[name], split, f"bundled dataset '{name}'"), prompt_column)
