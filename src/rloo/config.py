@@ -101,6 +101,8 @@ class Config:
 def check_stage(cfg: Config, stage: str, extra: list[tuple[bool, str]]) -> None:
     """A supervised stage's checks (``rloo sft``, ``rloo reward-model``): the shared fields', then ``extra``;
     the first that fails is raised as one line naming the field."""
+    from rloo.sizes import evaluation_checks  # as resolve imports sizes: lazily
+
     checks = [
         (cfg.max_length is None or cfg.max_length >= 2, "max_length must be >= 2 or None"),
         (cfg.learning_rate > 0, "learning_rate must be > 0"),
@@ -114,6 +116,7 @@ def check_stage(cfg: Config, stage: str, extra: list[tuple[bool, str]]) -> None:
         (not cfg.use_peft and not (cfg.load_in_4bit or cfg.load_in_8bit),
          f"use_peft / load_in_4bit / load_in_8bit: rloo {stage} trains the whole model for now"),
         (not cfg.log_completions, f"log_completions: rloo {stage} generates no completions"),
+        *evaluation_checks(cfg),
         *extra,
     ]
     for ok, message in checks:

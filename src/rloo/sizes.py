@@ -179,10 +179,7 @@ def validate(cfg) -> None:
         (cfg.missing_eos_penalty is None or cfg.missing_eos_penalty >= 0, "missing_eos_penalty must be >= 0"),
         (all(part.strip().lower() in ("none", "all", *TRACKERS) for name in cfg.report_to for part in name.split(",")),
          f"report_to must name trackers among {', '.join(TRACKERS)} (or all / none), got {cfg.report_to}"),
-        (cfg.eval_strategy in ("no", "steps"),
-         f"eval_strategy must be no or steps (every eval_steps), got {cfg.eval_strategy!r}"),
-        (cfg.eval_steps is None or (cfg.eval_steps > 0 and (cfg.eval_steps < 1 or float(cfg.eval_steps).is_integer())),
-         f"eval_steps must be a whole number of steps, a fraction of max_steps in (0, 1), or None; got {cfg.eval_steps}"),
+        *evaluation_checks(cfg),
         (cfg.num_completions_to_print is None or cfg.num_completions_to_print >= 0,
          "num_completions_to_print must be >= 0 or None (all)"),
         (not cfg.use_peft or importlib.util.find_spec("peft") is not None,
@@ -222,3 +219,13 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def evaluation_checks(cfg) -> list[tuple[bool, str]]:
+    """eval_strategy and eval_steps, as every stage checks them."""
+    return [
+        (cfg.eval_strategy in ("no", "steps"),
+         f"eval_strategy must be no or steps (every eval_steps), got {cfg.eval_strategy!r}"),
+        (cfg.eval_steps is None or (cfg.eval_steps > 0 and (cfg.eval_steps < 1 or float(cfg.eval_steps).is_integer())),
+         f"eval_steps must be a whole number of steps, a fraction of max_steps in (0, 1), or None; got {cfg.eval_steps}"),
+    ]

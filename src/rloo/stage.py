@@ -35,6 +35,7 @@ from rloo.distributed import raise_on_every_process, replicated
 from rloo.errors import CheckpointError, TrainingInterrupted
 from rloo.resume import drop_final_checkpoint
 from rloo.run import claim_output_dir, make_accelerator
+from rloo.run_eval import eval_interval
 from rloo.run_log import RunLog
 from rloo.train_state import TrainState, capture_rng, optimizer_state, restore_rng
 from rloo.trainer import stop_on_signals
@@ -170,8 +171,11 @@ def opening(cfg, model, train_dataset, eval_dataset, what_model: str, what_rows:
         model_name = model if isinstance(model, str) else cfg.model_name_or_path if model is None else (
             getattr(model, "name_or_path", "") or "an in-memory model")
         train_rows = load_rows(train_dataset if train_dataset is not None else cfg.dataset_name, cfg.dataset_train_split)
-        yield Opening(accelerator, output_dir, lock, trackers, hub_repo, model_name, train_rows,
-                      held_out_rows(cfg, eval_dataset, load_rows))
+        held_rows = held_out_rows(cfg, eval_dataset, load_rows)
+        if cfg.eval_strategy == "steps" and not held_rows:
+            raise ValueError("eval_strategy steps: the run has no held-out rows (num_eval_samples 0, or a dataset without "
+                             "the split dataset_eval_split names); give eval_dataset / dataset_eval_split, or eval_strategy no")
+        yield Opening(accelerator, output_dir, lock, trackers, hub_repo, model_name, train_rows, held_rows)
     except BaseException:
         if lock is not None:
             lock.release()
@@ -226,10 +230,15 @@ def _run(run: StageRun, stage: Stage) -> StageResult:
             eval_before = stage.evaluate(run)
             if eval_before is not None:
                 log.evaluation({"step": 0, **{f"eval/{k}": v for k, v in eval_before.items()}})
+        every = eval_interval(cfg)  # eval_strategy steps: every eval_steps (the last step's is eval_after)
         while step < cfg.sizes.max_steps:
             step += 1
             metrics = training_step(run, stage, step)
             log.step(metrics, None)
+            if every and step % every == 0 and step < cfg.sizes.max_steps:
+                figures = stage.evaluate(run)
+                if figures is not None:
+                    log.evaluation({"step": step, **{f"eval/{k}": v for k, v in figures.items()}})
             if log.is_logged(step) and run.accelerator.is_main_process:
                 print(f"step {step}/{cfg.sizes.max_steps} loss {metrics['loss']:.4f} lr {metrics['learning_rate']:.3g}",
                       flush=True)
