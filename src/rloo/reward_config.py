@@ -21,6 +21,12 @@ class RewardDataArgs(CommonDataArgs):
         None, "Weight of mean((r_chosen + r_rejected)^2) in the loss, keeping scores near 0 (TRL's name; its docs "
         "suggest 0.01). None: off.",
     )
+    center_rewards_dataset: str | None = arg(
+        None, "After training, subtract the mean score of these rows' prompt + completion (the reference completions, "
+        "e.g. rloo:tldr's summaries; the N+ recipe), folded into the weights so that any loader scores them 0 on "
+        "average. None: off.",
+    )
+    num_center_samples: int = arg(1000, "The first this many rows of center_rewards_dataset's train split are scored.")
     num_eval_samples: int = arg(200, "Held-out pairs whose accuracy is measured before and after training (0: off).")
 
 
@@ -44,4 +50,5 @@ class RewardConfig(Config):
         check_stage(self, "reward-model", [
             (self.center_rewards_coefficient is None or self.center_rewards_coefficient >= 0,
              "center_rewards_coefficient must be >= 0 or None"),
+            (self.num_center_samples >= 1, "num_center_samples must be >= 1"),
         ])

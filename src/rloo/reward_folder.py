@@ -65,6 +65,11 @@ def reward_card(run, pairs, summary: dict, tracker_links: dict[str, str]) -> str
                   *([f"| before | {before['accuracy']:.3f} ± {before['accuracy_se']:.3f} | {before['loss']:.4f} |"]
                     if before else []),
                   f"| after | {after['accuracy']:.3f} ± {after['accuracy_se']:.3f} | {after['loss']:.4f} |", ""]
+        if "centering" in after:
+            c = after["centering"]
+            lines += [f"Centered on the reference completions of `{c['dataset']}` ({c['num_rows']} rows, the N+ recipe): "
+                      f"their mean score was {c['reference_mean_before']:.4f} after training and is "
+                      f"{c['reference_mean_after']:.4f} in this folder (the offset is in the weights).", ""]
     else:
         lines += ["No held-out pairs were evaluated.", ""]
     lines += tail

@@ -16,7 +16,9 @@ from transformers import AutoModelForSequenceClassification
 
 from rloo.hub import from_pretrained
 from rloo.models import DTYPES, disable_dropout, load_tokenizer, resolve_model_path
+from rloo.data import load_rows
 from rloo.preference_data import PreferencePairs, tokenize_pairs
+from rloo.reward_center import carriers, center, reference_sequences
 from rloo.reward_config import RewardConfig
 from rloo.reward_folder import save_reward_folder
 from rloo.reward_objective import pair_scores
@@ -26,8 +28,9 @@ from rloo.stage import Stage, StageResult, opening, run_stage
 class RewardStage(Stage):
     name, unit = "reward-model", "pairs"
 
-    def __init__(self, train: PreferencePairs, held_out: PreferencePairs | None, center: float | None):
-        self.rows, self.held_rows, self.center = train, held_out, center
+    def __init__(self, train: PreferencePairs, held_out: PreferencePairs | None, center: float | None,
+                 references: list[list[int]] | None = None):
+        self.rows, self.held_rows, self.center, self.references = train, held_out, center, references
         self.train, self.held_out = self._items(train), self._items(held_out)
 
     @staticmethod
@@ -76,6 +79,13 @@ class RewardStage(Stage):
                 "mean_chosen": chosen / n, "mean_rejected": rejected / n, "num_pairs": int(n)}
 
     def write_folder(self, run, before, after, checkpoint, tracker_links) -> None:
+        if self.references is not None:  # the final model, centered on the reference completions (N+)
+            shift = center(run.accelerator.unwrap_model(run.policy), self.references, run.tokenizer.pad_token_id,
+                           run.accelerator.device, run.cfg.per_device_train_batch_size)
+            if after is not None:
+                offset = shift["reference_mean_before"] - shift["reference_mean_after"]
+                after.update(mean_chosen=after["mean_chosen"] - offset, mean_rejected=after["mean_rejected"] - offset)
+                after["centering"] = {"dataset": run.cfg.center_rewards_dataset, **shift}
         save_reward_folder(run, self.rows, before, after, checkpoint=checkpoint, tracker_links=tracker_links)
 
 
@@ -113,10 +123,20 @@ def reward_model(config: RewardConfig | None = None, *, model: str | torch.nn.Mo
     with opening(cfg, model, train_dataset, eval_dataset, "the model to start from (a causal LM or a sequence "
                  "classifier)", "{prompt, chosen, rejected} pairs, e.g. rloo:tldr-preference") as start:
         scorer, tokenizer, dropout = load_reward_base(cfg, model, tokenizer)
+        if cfg.center_rewards_dataset is not None:
+            carriers(scorer)  # a model whose weights cannot hold the offset: said before training
         train = tokenize_pairs(start.train_rows, tokenizer, cfg.max_length, cfg.eos_token)
         if not train.chosen_ids:
             raise ValueError(f"max_length {cfg.max_length}: every training pair is longer than that")
         held_out = tokenize_pairs(start.held_rows, tokenizer, cfg.max_length, cfg.eos_token) if start.held_rows else None
-        stage = RewardStage(train, held_out, cfg.center_rewards_coefficient)
+        references = None
+        if cfg.center_rewards_dataset is not None:
+            rows = load_rows(cfg.center_rewards_dataset, "train")
+            rows = rows.select(range(min(cfg.num_center_samples, len(rows))))
+            references = reference_sequences(rows, tokenizer, cfg.max_length, cfg.eos_token or tokenizer.eos_token)
+            if not references:
+                raise ValueError(f"center_rewards_dataset: no row of '{cfg.center_rewards_dataset}' fits max_length "
+                                 f"{cfg.max_length}")
+        stage = RewardStage(train, held_out, cfg.center_rewards_coefficient, references)
         run = start.run(cfg, scorer, tokenizer, len(stage.train), dropout, start.train_rows[0])
     return run_stage(run, stage)
