@@ -6,10 +6,13 @@ This is the slow test of the default suite (about 2 minutes with the cached star
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from rloo import load_config, train
 from rloo.cli import main
@@ -39,6 +42,18 @@ def test_tldr_tiny_default_learns(tldr_tiny_run):
     assert rouge_gain >= -2 * rouge_se, f"ROUGE-L fell by {-rouge_gain:.4f} (> 2 s.e. = {2 * rouge_se:.4f})"
     steps = result.metrics
     assert len(steps) == 80 and all(math.isfinite(s["loss"]) and math.isfinite(s["kl"]) for s in steps)
+
+
+def test_the_tldr_tiny_policy_is_an_rloo_sft_run(tldr_tiny_run):
+    """The starting policy was built by `rloo sft` from a random-init base: its folder is that command's run
+    folder, and the supervised run lowered the held-out completion loss."""
+    policy = Path(tldr_tiny_run.config.model_name_or_path)
+    assert policy.name.startswith("tldr-tiny-sft-")
+    figures = json.loads((policy / "eval.json").read_text())
+    assert figures["after"]["loss"] < figures["before"]["loss"] - 2.0, figures
+    assert "(`rloo sft`)" in (policy / "README.md").read_text()
+    made = yaml.safe_load((policy / "config.yaml").read_text())
+    assert Path(made["model_name_or_path"]).name.startswith("tldr-tiny-base-") and made["dataset_name"] == "rloo:tldr"
 
 
 @needs_chromium

@@ -452,3 +452,11 @@ def test_repetition_penalty_ignores_padding(policy):
     batched = HFGenerator(policy, pad_token_id=first, **kwargs).generate(PROMPTS, 1)
     assert batched.completion_ids_BT[1, 0].item() == first
     torch.testing.assert_close(batched.sampler_logprobs_BT[1, :1], alone.sampler_logprobs_BT[0, :1], rtol=0, atol=1e-6)
+
+
+def test_an_unknown_built_in_model_is_one_line_naming_the_known_ones():
+    from rloo.models import resolve_model_path
+
+    with pytest.raises(ValueError, match=r"^model_name_or_path: unknown built-in model 'rloo:nope' \(known: "
+                                         r"rloo:tldr-tiny-sft, rloo:tldr-tiny-base\)$"):
+        resolve_model_path("rloo:nope")

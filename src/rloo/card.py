@@ -67,7 +67,9 @@ def quick_start(model_path: str, example_prompt, has_chat_template: bool, max_ne
 
 
 BUILTIN_MODELS = {"rloo:tldr-tiny-sft": "rloo's built-in tldr-tiny policy (a tiny pythia-architecture model, supervised "
-                                        "on the bundled TL;DR sample)"}
+                                        "on the bundled TL;DR sample with rloo sft)",
+                  "rloo:tldr-tiny-base": "rloo's built-in tldr-tiny base (a tiny pythia-architecture model at random "
+                                         "init, with a BPE tokenizer trained on the bundled TL;DR sample)"}
 # Not in the command that trains the model again: where it was written, how it continued, and secrets.
 NOT_REPRODUCED = ("output_dir", "overwrite_output_dir", "resume_from_checkpoint", "resume_ignore_mismatch", "hub_token",
                   "preset", "disable_tqdm")

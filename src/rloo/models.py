@@ -16,20 +16,21 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from rloo.hub import from_pretrained
 from rloo.output_dir import recover_if_free
+from rloo.tiny import ensure_tldr_tiny_base, ensure_tldr_tiny_policy
 
 logger = logging.getLogger(__name__)
 
+BUILT_IN = {"rloo:tldr-tiny-sft": ensure_tldr_tiny_policy, "rloo:tldr-tiny-base": ensure_tldr_tiny_base}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """'rloo:tldr-tiny-sft' -> the cached folder (built on first use); anything else unchanged."""
-    if name_or_path == "rloo:tldr-tiny-sft":
-        from rloo.tiny import ensure_tldr_tiny_policy
-
-        return str(ensure_tldr_tiny_policy())
+    """'rloo:tldr-tiny-sft' (or its random-init base, 'rloo:tldr-tiny-base') -> the cached folder (built on first
+    use); anything else unchanged."""
+    if name_or_path in BUILT_IN:
+        return str(BUILT_IN[name_or_path]())
     if name_or_path.startswith("rloo:"):
-        raise ValueError(f"model_name_or_path: unknown built-in model '{name_or_path}' (known: rloo:tldr-tiny-sft)")
+        raise ValueError(f"model_name_or_path: unknown built-in model '{name_or_path}' (known: {', '.join(BUILT_IN)})")
     if Path(name_or_path).is_dir():
         recover_if_free(Path(name_or_path))  # a run folder whose final model a killed run left half installed
     return name_or_path

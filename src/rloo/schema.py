@@ -24,7 +24,8 @@ class ModelArgs:
     model_name_or_path: str | None = arg(
         None,
         "Policy to start from: a local folder, a hub id, or 'rloo:tldr-tiny-sft' (the tiny TL;DR policy that "
-        "rloo builds locally and caches on first use; the tldr-tiny preset's).",
+        "rloo builds locally with rloo sft and caches on first use; the tldr-tiny preset's) or 'rloo:tldr-tiny-base' "
+        "(its random-init starting point).",
     )
     torch_dtype: str = arg(
         "auto", "Dtype the policy is loaded in (also 'dtype', TRL's name): auto (the checkpoint's), float32, "

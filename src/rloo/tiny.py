@@ -1,10 +1,15 @@
 """The tiny TL;DR policy of the ``tldr-tiny`` preset, built here because this machine class has no hub.
 
-Recipe: a byte-level BPE tokenizer trained with ``tokenizers`` on the bundled TL;DR train text, a
-pythia-architecture (GPTNeoX) model initialised at random, and a short supervised warm-up on the
-bundled prompt -> reference-summary pairs (loss on completion tokens only) so that it writes TL;DR-like
-text. The result is cached under ``$RLOO_CACHE`` (default ``~/.cache/rloo``) in a folder named by a
-hash of the recipe, written atomically, so later runs start at once.
+Recipe: a byte-level BPE tokenizer trained with ``tokenizers`` on the bundled TL;DR train text and a
+pythia-architecture (GPTNeoX) model initialised at random (the base, kept as ``tldr-tiny-base-<hash>``),
+then supervised on the bundled prompt -> reference-summary pairs by ``rloo sft`` itself, run as a user
+runs it (a child process, on the CPU, so the result is the same on every machine), into
+``tldr-tiny-sft-<hash>``: an ``rloo sft`` run folder with its card and held-out completion loss. Both live
+under ``$RLOO_CACHE`` (default ``~/.cache/rloo``), named by a hash of the recipe and the data, and appear
+whole or not at all, so later runs start at once.
+
+It reaches ``rloo sft`` through the command line and imports no stage, so ``models.resolve_model_path``
+imports it with no circle.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,15 +29,14 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from rloo.data import BUNDLED_DATASETS, left_pad, right_pad, tokenize_prompts
-from rloo.logprobs import completion_logprobs
+from rloo.data import BUNDLED_DATASETS
 
 logger = logging.getLogger(__name__)
 
 EOS, PAD = "<|endoftext|>", "<|padding|>"
 
 RECIPE = {
-    "version": 1,
+    "version": 2,
     "vocab_size": 8192,
     "hidden_size": 128,
     "num_hidden_layers": 6,
@@ -39,13 +44,16 @@ RECIPE = {
     "intermediate_size": 512,
     "rotary_pct": 0.25,
     "max_position_embeddings": 1024,
-    "max_prompt_length": 256,
-    "sft_steps": 200,
-    "sft_batch_size": 16,
-    "sft_learning_rate": 2e-3,
-    "sft_warmup_steps": 20,
     "seed": 0,
+    # the rloo sft run (its command-line flags)
+    "sft": {"max_steps": 300, "per_device_train_batch_size": 8, "learning_rate": 2e-3, "warmup_steps": 20,
+            "lr_scheduler_type": "cosine", "weight_decay": 0.01, "max_length": 1024, "num_eval_samples": 200,
+            "gradient_checkpointing": "false"},  # TRL's default is on; a 3.3M-parameter model needs no memory saved
 }
+
+# The child runs alone: not as one more process of a distributed launch, and not on a GPU.
+_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
+                     "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 def cache_root() -> Path:
@@ -86,68 +94,78 @@ def build_model(tokenizer: PreTrainedTokenizerFast, recipe: dict, seed: int) -> 
     return GPTNeoXForCausalLM(config)
 
 
-def supervised_warmup(model, tokenizer, rows: list[dict], recipe: dict) -> list[float]:
-    """Teacher-forced cross-entropy on completion tokens (+ EOS) given the left-truncated prompt."""
-    prompt_ids = tokenize_prompts([r["prompt"] for r in rows], tokenizer, recipe["max_prompt_length"]).input_ids
-    completion_ids = [tokenizer(r["completion"], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-                      for r in rows]
-    generator = torch.Generator().manual_seed(recipe["seed"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe["sft_learning_rate"], weight_decay=0.01)
-    steps, warmup = recipe["sft_steps"], recipe["sft_warmup_steps"]
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / steps)))
-    )
-    model.train()
-    order, losses = torch.empty(0, dtype=torch.long), []
-    for step in range(steps):
-        if len(order) < recipe["sft_batch_size"]:
-            order = torch.cat([order, torch.randperm(len(rows), generator=generator)])
-        batch, order = order[: recipe["sft_batch_size"]].tolist(), order[recipe["sft_batch_size"]:]
-        prompt_ids_PL, prompt_mask_PL = left_pad([prompt_ids[i] for i in batch], tokenizer.pad_token_id)
-        completion_ids_BT, completion_mask_BT = right_pad([completion_ids[i] for i in batch], tokenizer.pad_token_id)
-        logprobs_BT, _ = completion_logprobs(model, prompt_ids_PL, prompt_mask_PL, completion_ids_BT, completion_mask_BT)
-        loss = -logprobs_BT.sum() / completion_mask_BT.sum()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
-            logger.info("tldr-tiny warm-up step %d/%d: completion loss %.3f", step + 1, steps, loss.item())
-    model.eval()
-    return losses
-
-
 def recipe_hash(recipe: dict) -> str:
-    data = BUNDLED_DATASETS["rloo:tldr"]["train"].read_bytes()
+    data = b"".join(BUNDLED_DATASETS["rloo:tldr"][split].read_bytes() for split in ("train", "validation"))
     blob = json.dumps(recipe, sort_keys=True).encode() + hashlib.sha256(data).digest()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
 def ensure_tldr_tiny_policy(recipe: dict | None = None) -> Path:
-    """The cached tiny TL;DR policy folder, built (about 2 minutes on 2 cores) if missing."""
+    """The cached tiny TL;DR policy folder (``rloo:tldr-tiny-sft``), built (about 4 minutes on 2 cores) if missing."""
     recipe = dict(RECIPE, **(recipe or {}))
-    folder = cache_root() / f"tldr-tiny-sft-{recipe_hash(recipe)}"
+    digest = recipe_hash(recipe)
+    folder = cache_root() / f"tldr-tiny-sft-{digest}"
     if (folder / "model.safetensors").exists():
         return folder
     start = time.time()
-    logger.warning("building the tldr-tiny starting policy in %s (first run only)", folder)
+    logger.warning("building the tldr-tiny starting policy in %s with rloo sft (first run only, about 4 minutes)",
+                   folder)
+    base = ensure_tldr_tiny_base(recipe)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
+    run_sft(base, staging / "run", recipe)
+    try:
+        (staging / "run").rename(folder)  # atomic: a concurrent builder that won the race leaves its folder in place
+    except OSError:
+        pass
+    shutil.rmtree(staging, ignore_errors=True)
+    eval_json = folder / "eval.json"
+    figures = json.loads(eval_json.read_text()) if eval_json.exists() else {}
+    logger.warning("tldr-tiny starting policy ready after %.0f s (held-out completion loss %s -> %s)",
+                   time.time() - start, _loss(figures.get("before")), _loss(figures.get("after")))
+    return folder
+
+
+def ensure_tldr_tiny_base(recipe: dict | None = None) -> Path:
+    """The tokenizer and the random-init model that ``rloo sft`` starts from (``rloo:tldr-tiny-base``)."""
+    recipe = {key: value for key, value in dict(RECIPE, **(recipe or {})).items() if key != "sft"}  # the base's part
+    folder = cache_root() / f"tldr-tiny-base-{recipe_hash(recipe)}"
+    if (folder / "model.safetensors").exists():
+        return folder
     rows = [json.loads(line) for line in BUNDLED_DATASETS["rloo:tldr"]["train"].read_text().splitlines()]
     tokenizer = build_tokenizer([r["prompt"] + r["completion"] for r in rows], recipe["vocab_size"])
     with torch.random.fork_rng():  # building leaves the caller's random state as it was
         model = build_model(tokenizer, recipe, recipe["seed"])
-        losses = supervised_warmup(model, tokenizer, rows, recipe)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    info = {"recipe": recipe, "final_loss": losses[-1], "build_seconds": round(time.time() - start, 1)}
-    (tmp / "rloo_tiny_recipe.json").write_text(json.dumps(info, indent=2))
+    (tmp / "rloo_tiny_recipe.json").write_text(json.dumps({"recipe": recipe}, indent=2))
     try:
-        tmp.rename(folder)  # atomic: a concurrent builder that won the race leaves its folder in place
+        tmp.rename(folder)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.warning("tldr-tiny starting policy ready after %.0f s (final warm-up loss %.2f)", time.time() - start, losses[-1])
     return folder
+
+
+def sft_command(base: Path, output_dir: Path, recipe: dict) -> list[str]:
+    """``rloo sft`` on the bundled TL;DR pairs, as a user would type it."""
+    flags = {"model_name_or_path": base, "dataset_name": "rloo:tldr", "dataset_eval_split": "validation",
+             "seed": recipe["seed"], **recipe["sft"], "save_strategy": "no", "disable_tqdm": "true",
+             "output_dir": output_dir}
+    return [sys.executable, "-m", "rloo", "sft", *[part for key, value in flags.items()
+                                                   for part in (f"--{key}", str(value))]]
+
+
+def run_sft(base: Path, output_dir: Path, recipe: dict) -> None:
+    env = {key: value for key, value in os.environ.items() if key not in _LAUNCH_VARIABLES}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    done = subprocess.run(sft_command(base, output_dir, recipe), env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines() or ["no output"]
+        raise RuntimeError(f"building the tldr-tiny policy: rloo sft failed ({lines[-1]}); its command: "
+                           f"{' '.join(sft_command(base, output_dir, recipe))}")
+
+
+def _loss(figures: dict | None) -> str:
+    return f"{figures['loss']:.3f}" if figures and "loss" in figures else "?"
