@@ -1,6 +1,6 @@
 """Can ``rloo reward-model`` learn what can be learned? Each bundled TL;DR post with its own reference summary
-chosen over another post's (the post ``shift`` rows further on; so every summary is chosen once and rejected
-once, and only matching it to its post tells them apart), trained from the tldr-tiny policy and measured on
+chosen over another post's (the post 7 rows further on; so every summary is chosen once and rejected once,
+and only matching it to its post tells them apart; ``--negatives N``: N such pairs per training post), trained from the tldr-tiny policy and measured on
 the validation posts (pairs built the same way, never trained on).
 
     python benchmarks/reward_own_summary.py --output_dir runs/own-summary [rloo reward-model flags...]
@@ -20,21 +20,26 @@ from pathlib import Path
 from rloo.data import BUNDLED_DATASETS
 
 
-def pairs(split: str, shift: int) -> list[dict]:
+SHIFTS = (7, 101, 503, 211, 997)
+
+
+def pairs(split: str, shifts: tuple[int, ...]) -> list[dict]:
     rows = [json.loads(line) for line in BUNDLED_DATASETS["rloo:tldr"][split].read_text().splitlines()]
     return [{"prompt": row["prompt"], "chosen": row["completion"], "rejected": rows[(i + shift) % len(rows)]["completion"]}
-            for i, row in enumerate(rows)]
+            for shift in shifts for i, row in enumerate(rows)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--shift", type=int, default=7)
+    parser.add_argument("--negatives", type=int, default=1, choices=range(1, len(SHIFTS) + 1),
+                        help="training pairs per post: its summary against that many other posts' (shifts "
+                             f"{SHIFTS}); the validation pairs always use one (shift 7)")
     args, flags = parser.parse_known_args()
     folder = Path(args.output_dir + ".pairs")
     folder.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "validation"):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs(split, args.shift)))
+    for split, shifts in (("train", SHIFTS[:args.negatives]), ("validation", SHIFTS[:1])):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs(split, shifts)))
     command = [sys.executable, "-m", "rloo", "reward-model", "--model_name_or_path", "rloo:tldr-tiny-sft",
                "--dataset_name", str(folder), "--dataset_eval_split", "validation", "--output_dir", args.output_dir,
                "--disable_tqdm", "true", *flags]
