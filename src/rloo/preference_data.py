@@ -43,7 +43,7 @@ def tokenize_pairs(rows: Iterable[dict], tokenizer: Any, max_length: int | None 
                                *(("prompt",) if "prompt" in rows[0] else ())) if c not in row]
         if missing:
             raise ValueError(f"train_dataset row {index}: no '{missing[0]}' column (row 0 has it)")
-        chosen, rejected = (_sequence(tokenizer, row, side, conversational, eos, index) for side in ("chosen", "rejected"))
+        chosen, rejected = (side_ids(tokenizer, row, side, conversational, eos, index) for side in ("chosen", "rejected"))
         if max_length is not None and max(len(chosen), len(rejected)) > max_length:
             dropped += 1
             continue
@@ -55,7 +55,9 @@ def tokenize_pairs(rows: Iterable[dict], tokenizer: Any, max_length: int | None 
     return PreferencePairs(chosen_all, rejected_all, margins if with_margin else None, kept, dropped, conversational)
 
 
-def _sequence(tokenizer, row: dict, side: str, conversational: bool, eos: str, index: int) -> list[int]:
+def side_ids(tokenizer, row: dict, side: str, conversational: bool, eos: str, index: int) -> list[int]:
+    """The token ids of ``prompt + row[side]`` (EOS appended to a string, the chat template on messages), as
+    TRL's RewardTrainer builds a pair's side; also the reference completions that centering scores."""
     prompt, answer = row.get("prompt"), row[side]
     if conversational:
         messages = (prompt or []) + answer if isinstance(answer, list) else None

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from rloo.preference_data import _sequence
+from rloo.preference_data import side_ids
 from rloo.reward_objective import pair_scores
 
 
@@ -31,7 +31,7 @@ def reference_sequences(rows, tokenizer, max_length: int | None, eos: str) -> li
         raise ValueError(f"center_rewards_dataset: rows need 'prompt' and 'completion' (the reference completions); "
                          f"row 0 has {sorted(rows[0]) if rows else 'nothing'}")
     conversational = isinstance(rows[0]["completion"], list)
-    sequences = [_sequence(tokenizer, row, "completion", conversational, eos, i) for i, row in enumerate(rows)]
+    sequences = [side_ids(tokenizer, row, "completion", conversational, eos, i) for i, row in enumerate(rows)]
     return [s for s in sequences if max_length is None or len(s) <= max_length]
 
 
