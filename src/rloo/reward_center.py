@@ -50,18 +50,17 @@ def score_head(model) -> torch.nn.Linear:
     return head
 
 
-def carriers(model) -> list[torch.nn.Parameter]:
-    """Where an offset can go, best first: the head's bias, then the last norm's bias of the head's width. Raises
-    ValueError where there is none (said before training, not after)."""
+def carrier(model) -> torch.nn.Parameter:
+    """Where the offset goes: the head's bias, else the last norm's bias of the head's width. Raises ValueError
+    where there is none (said before training, not after)."""
     head = score_head(model)
     if head.bias is not None:
-        return [head.bias]
+        return head.bias
     norms = [m for name, m in model.named_modules() if "norm" in type(m).__name__.lower() or name.endswith(("ln_f", "norm"))]
-    found = [m.bias for m in reversed(norms)
-             if isinstance(getattr(m, "bias", None), torch.nn.Parameter) and m.bias.shape == (head.in_features,)][:1]
-    if not found:
-        raise ValueError(_NO_BIAS.format(type(model).__name__))
-    return found
+    for norm in reversed(norms):
+        if isinstance(getattr(norm, "bias", None), torch.nn.Parameter) and norm.bias.shape == (head.in_features,):
+            return norm.bias
+    raise ValueError(_NO_BIAS.format(type(model).__name__))
 
 
 @torch.no_grad()
@@ -72,18 +71,16 @@ def center(model, sequences: list[list[int]], pad_token_id: int, device, batch_s
         raise ValueError("center_rewards_dataset: no reference row fits max_length")
     before = scores(model, sequences, pad_token_id, device, batch_size)
     mean = before.mean().item()
-    head = score_head(model)
-    for carrier in carriers(model):
-        saved = carrier.detach().clone()
-        if carrier is head.bias:
-            carrier -= mean
-        else:
-            weight = head.weight[0].float()
-            carrier += (-mean * weight / weight.dot(weight)).to(carrier.dtype)
-        after = scores(model, sequences, pad_token_id, device, batch_size)
-        tolerance = max(1e-4, 8 * torch.finfo(carrier.dtype).eps) * max(1.0, before.abs().max().item())
-        if torch.allclose(after, before - mean, atol=tolerance, rtol=0):
-            return {"reference_mean_before": mean, "reference_mean_after": after.mean().item(),
-                    "num_rows": len(sequences)}
-        carrier.copy_(saved)
-    raise ValueError(_NO_BIAS.format(type(model).__name__))
+    head, bias = score_head(model), carrier(model)
+    saved = bias.detach().clone()
+    if bias is head.bias:
+        bias -= mean
+    else:
+        weight = head.weight[0].float()
+        bias += (-mean * weight / weight.dot(weight)).to(bias.dtype)
+    after = scores(model, sequences, pad_token_id, device, batch_size)
+    tolerance = max(1e-4, 8 * torch.finfo(bias.dtype).eps) * max(1.0, before.abs().max().item())
+    if not torch.allclose(after, before - mean, atol=tolerance, rtol=0):
+        bias.copy_(saved)
+        raise ValueError(_NO_BIAS.format(type(model).__name__))
+    return {"reference_mean_before": mean, "reference_mean_after": after.mean().item(), "num_rows": len(sequences)}

@@ -18,7 +18,7 @@ from rloo.hub import from_pretrained
 from rloo.models import DTYPES, disable_dropout, load_tokenizer, resolve_model_path
 from rloo.data import load_rows
 from rloo.preference_data import PreferencePairs, tokenize_pairs
-from rloo.reward_center import carriers, center, reference_sequences
+from rloo.reward_center import carrier, center, reference_sequences
 from rloo.reward_config import RewardConfig
 from rloo.reward_folder import save_reward_folder
 from rloo.reward_objective import pair_scores
@@ -123,20 +123,19 @@ def reward_model(config: RewardConfig | None = None, *, model: str | torch.nn.Mo
     with opening(cfg, model, train_dataset, eval_dataset, "the model to start from (a causal LM or a sequence "
                  "classifier)", "{prompt, chosen, rejected} pairs, e.g. rloo:tldr-preference") as start:
         scorer, tokenizer, dropout = load_reward_base(cfg, model, tokenizer)
-        if cfg.center_rewards_dataset is not None:
-            carriers(scorer)  # a model whose weights cannot hold the offset: said before training
-        train = tokenize_pairs(start.train_rows, tokenizer, cfg.max_length, cfg.eos_token)
-        if not train.chosen_ids:
-            raise ValueError(f"max_length {cfg.max_length}: every training pair is longer than that")
-        held_out = tokenize_pairs(start.held_rows, tokenizer, cfg.max_length, cfg.eos_token) if start.held_rows else None
         references = None
-        if cfg.center_rewards_dataset is not None:
+        if cfg.center_rewards_dataset is not None:  # everything centering needs, checked before training
+            carrier(scorer)  # a model whose weights cannot hold the offset
             rows = load_rows(cfg.center_rewards_dataset, "train")
             rows = rows.select(range(min(cfg.num_center_samples, len(rows))))
             references = reference_sequences(rows, tokenizer, cfg.max_length, cfg.eos_token or tokenizer.eos_token)
             if not references:
                 raise ValueError(f"center_rewards_dataset: no row of '{cfg.center_rewards_dataset}' fits max_length "
                                  f"{cfg.max_length}")
+        train = tokenize_pairs(start.train_rows, tokenizer, cfg.max_length, cfg.eos_token)
+        if not train.chosen_ids:
+            raise ValueError(f"max_length {cfg.max_length}: every training pair is longer than that")
+        held_out = tokenize_pairs(start.held_rows, tokenizer, cfg.max_length, cfg.eos_token) if start.held_rows else None
         stage = RewardStage(train, held_out, cfg.center_rewards_coefficient, references)
         run = start.run(cfg, scorer, tokenizer, len(stage.train), dropout, start.train_rows[0])
     return run_stage(run, stage)
